@@ -1,0 +1,38 @@
+"""meliad-tf: long-context transformers (Transformer-XL, Memorizing, Block-Recurrent) in TensorFlow 2."""
+
+import setuptools
+
+# The TF 2.20 family: scann 1.4.2's TF ops are built against exactly this TensorFlow.
+INSTALL_REQUIRES = [
+    "tensorflow==2.20.0",
+    "tensorflow-text==2.20.1",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",  # tensorflow-datasets imports it without declaring it
+    "scann[tf]==1.4.2",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.3",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "matplotlib==3.10.8",
+]
+
+setuptools.setup(
+    name="meliad-tf",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10,<3.13",
+    packages=(
+        setuptools.find_packages(include=["meliad_tf", "meliad_tf.*", "pipelines", "pipelines.*"])
+        + ["meliad_configs", "meliad_tools"]
+    ),
+    package_dir={"meliad_configs": "configs", "meliad_tools": "tools"},
+    package_data={"meliad_configs": ["*.gin", "**/*.gin"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest==9.2.0"]},
+    entry_points={
+        "console_scripts": [
+            "meliad-data=meliad_tools.data:run",
+            "meliad-vocab=meliad_tools.vocab:run",
+        ],
+    },
+)
