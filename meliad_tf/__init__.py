@@ -3,4 +3,9 @@
 Importing the package registers every gin configurable under Meliad's names.
 """
 
+from meliad_tf import decoder
+from meliad_tf import layer
+from meliad_tf import mlp
+from meliad_tf import model
+from meliad_tf import norms
 from meliad_tf import task_config

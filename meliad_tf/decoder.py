@@ -1,0 +1,133 @@
+"""The decoder stack: tied embedding, the layers, final norm, logits scaled by 1/sqrt(V)."""
+
+import math
+
+import gin
+import tensorflow as tf
+
+from meliad_tf import dropout as dropout_lib
+from meliad_tf import initializers
+from meliad_tf import layer as layer_lib
+from meliad_tf import norms
+from meliad_tf import positions
+
+_SEED_FINAL_DROPOUT = 1 << 20
+
+
+def resolve_layer_indices(indices, num_layers, name):
+  """Meliad's placement: negative indices count from the top; out of range is an error."""
+  resolved = []
+  for index in indices:
+    if not -num_layers <= index < num_layers:
+      raise ValueError(f"DecoderStack.{name} contains {index}, outside [-{num_layers}, "
+                       f"{num_layers}) for {num_layers} layers")
+    resolved.append(index % num_layers)
+  return tuple(sorted(set(resolved)))
+
+
+@gin.configurable(module="decoder_stack")
+class DecoderStack(tf.Module):
+  """Embedding, a stack of TransformerLayers, the final norm and the tied output.
+
+  Args (Meliad's gin names):
+    task_config: a TransformerTaskConfig (vocabulary size, segment length, batch size).
+    num_layers: NL.
+    embedding_size: E.
+    embedding_stddev: initial standard deviation of the embedding table (no sqrt(E)
+      scaling at lookup).
+    layer_factory: builds each layer (gin: TransformerLayer).
+    dstack_window_length: run the whole stack window by window (block feedback); 0 = off.
+    use_absolute_positions: add sinusoids restarting at 0 every segment.
+    use_final_layernorm: RMS norm before the output.
+    final_dropout_rate: tiled dropout before the output, in training.
+    final_mlp_factory: must be None (Meliad's final MLP option is broken).
+    recurrent_layer_indices, feedback_recurrence, memory_factory, memory_layer_indices:
+      placement of the recurrent and memory layers.
+    dtype: compute dtype.
+  """
+
+  def __init__(self, task_config, num_layers=12, embedding_size=512, embedding_stddev=1.0,
+               layer_factory=layer_lib.TransformerLayer, dstack_window_length=0,
+               use_absolute_positions=False, use_final_layernorm=True, final_dropout_rate=0.0,
+               final_mlp_factory=None, recurrent_layer_indices=(), feedback_recurrence=False,
+               memory_factory=None, memory_layer_indices=(), dtype="float32",
+               name="decoder_stack"):
+    super().__init__(name=name)
+    if final_mlp_factory is not None:
+      raise ValueError("DecoderStack.final_mlp_factory is not supported: Meliad's final MLP "
+                       "option (options/final_mlp.gin) does not run in Meliad either")
+    if dstack_window_length:
+      raise NotImplementedError("DecoderStack.dstack_window_length (block feedback) needs "
+                                "recurrent layers, which are not available in this version")
+    self.task_config = task_config
+    self.num_layers = num_layers
+    self.embedding_size = embedding_size
+    self.vocab_size = task_config.vocab_size
+    self.use_absolute_positions = use_absolute_positions
+    self.final_dropout_rate = final_dropout_rate
+    self.dtype = initializers.as_dtype(dtype)
+    self.recurrent_layer_indices = resolve_layer_indices(recurrent_layer_indices, num_layers,
+                                                         "recurrent_layer_indices")
+    self.memory_layer_indices = resolve_layer_indices(memory_layer_indices, num_layers,
+                                                      "memory_layer_indices")
+    if self.memory_layer_indices and memory_factory is None:
+      raise ValueError("DecoderStack.memory_layer_indices is set but memory_factory is None")
+    with self.name_scope:
+      self.embedding = tf.Variable(
+          initializers.normal([self.vocab_size, embedding_size], embedding_stddev),
+          name="embedding")
+      self.layers = []
+      for i in range(num_layers):
+        is_recurrent = i in self.recurrent_layer_indices
+        memory = memory_factory() if i in self.memory_layer_indices else None
+        self.layers.append(layer_factory(
+            embedding_size=embedding_size, is_recurrent=is_recurrent, memory=memory,
+            cross_attention=(feedback_recurrence and bool(self.recurrent_layer_indices)
+                             and bool(dstack_window_length) and not is_recurrent),
+            dtype=dtype, name=f"layer_{i}"))
+      self.final_layernorm = (norms.LayerNorm(embedding_size, dtype=dtype,
+                                              name="final_layernorm")
+                              if use_final_layernorm else None)
+    for layer in self.layers:
+      layer.check_sequence_length(task_config.sequence_length)
+
+  def state_spec(self, batch_size):
+    """Per-stream state of every layer: {"layer_i": {...}} (layers without state omitted)."""
+    spec = {}
+    for i, layer in enumerate(self.layers):
+      layer_spec = layer.state_spec(batch_size)
+      if layer_spec:
+        spec[f"layer_{i}"] = layer_spec
+    return spec
+
+  def __call__(self, tokens, start_of_sequence, state, *, training=False, seed=None):
+    """Logits of the next token for every position.
+
+    Args:
+      tokens: int32 [B, N].
+      start_of_sequence: bool [B].
+      state: nested dict as `state_spec`.
+      training: enables dropout.
+      seed: [2] int seed for this step's dropout (required when training with dropout).
+    Returns:
+      (logits float32 [B, N, V], new state).
+    """
+    x = tf.cast(tf.gather(self.embedding, tokens), self.dtype)
+    if self.use_absolute_positions:
+      x += tf.cast(positions.absolute_position_encoding(tokens.shape[1], self.embedding_size),
+                   self.dtype)
+    new_state = {}
+    for i, layer in enumerate(self.layers):
+      key = f"layer_{i}"
+      layer_seed = dropout_lib.fold_in(seed, i) if seed is not None else None
+      x, layer_state = layer(x, start_of_sequence, state.get(key, {}), training=training,
+                             seed=layer_seed)
+      if layer_state:
+        new_state[key] = layer_state
+    if self.final_layernorm is not None:
+      x = self.final_layernorm(x)
+    if training and self.final_dropout_rate > 0.0:
+      x = dropout_lib.tiled_dropout(x, self.final_dropout_rate,
+                                    dropout_lib.fold_in(seed, _SEED_FINAL_DROPOUT))
+    logits = tf.matmul(tf.cast(x, tf.float32), self.embedding, transpose_b=True)
+    return logits / math.sqrt(self.vocab_size), new_state

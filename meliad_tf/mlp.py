@@ -1,0 +1,132 @@
+"""Meliad's MLP with its gated residual: residual, bias, full and lstm gates."""
+
+import gin
+import tensorflow as tf
+
+from meliad_tf import initializers
+
+_ACTIVATIONS = {None: None, "relu": tf.nn.relu, "tanh": tf.tanh, "gelu": tf.nn.gelu,
+                "sigmoid": tf.sigmoid}
+GATE_TYPES = ("residual", "bias", "full", "lstm")
+
+
+def _activation(name, argument):
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r} for MLP.{argument}; "
+                     f"known: {sorted(k for k in _ACTIVATIONS if k)}")
+  return _ACTIVATIONS[name]
+
+
+class Dense(tf.Module):
+  """`x @ kernel (+ bias)` with float32 parameters cast to the compute dtype at use."""
+
+  def __init__(self, num_inputs, num_outputs, use_bias=False, kernel_scale=1.0,
+               bias_stddev=None, dtype="float32", name=None):
+    super().__init__(name=name)
+    self.dtype = initializers.as_dtype(dtype)
+    with self.name_scope:
+      self.kernel = tf.Variable(
+          initializers.variance_scaling([num_inputs, num_outputs], kernel_scale), name="kernel")
+      if not use_bias:
+        self.bias = None
+      elif bias_stddev is None:
+        self.bias = tf.Variable(tf.zeros([num_outputs]), name="bias")
+      else:
+        self.bias = tf.Variable(initializers.normal([num_outputs], bias_stddev), name="bias")
+
+  def __call__(self, x):
+    y = tf.matmul(x, tf.cast(self.kernel, self.dtype))
+    if self.bias is not None:
+      y += tf.cast(self.bias, self.dtype)
+    return y
+
+
+@gin.configurable(module="nn_components")
+class MLP(tf.Module):
+  """Dense layers followed by a gate that merges the output into a residual `state`.
+
+  With `num_layers = 1` it is a single projection `y = x W_out`; with 2, `h = act(x W_0)`
+  and `y = h W_out`. The gate then combines `state` and `y`, using `h` (the input to the
+  output layer) for the learned gates:
+    residual: state + y
+    bias:     g = sigmoid(b), state * g + y * (1 - g)   (b per feature, N(0, 0.1))
+    full:     g = sigmoid(Dense(h) + 1), state * g + y * (1 - g)
+    lstm:     f = sigmoid(Dense_f(h) + 1), i = sigmoid(Dense_i(h) - 1), state * f + y * i
+
+  Args:
+    num_input_features: width of x.
+    num_output_features: width of y and of the state.
+    num_layers: 1 or 2.
+    num_hidden_units: hidden width for 2 layers.
+    hidden_activation: "relu", "tanh", ... or None.
+    final_activation: applied to y before the gate, or None.
+    use_bias: biases in the dense layers.
+    gate_type: one of GATE_TYPES.
+    dtype: compute dtype.
+  """
+
+  def __init__(self, num_input_features, num_output_features, num_layers=2,
+               num_hidden_units=0, hidden_activation="relu", final_activation=None,
+               use_bias=False, gate_type="residual", dtype="float32", name=None):
+    super().__init__(name=name)
+    if num_layers not in (1, 2):
+      raise ValueError(f"MLP.num_layers must be 1 or 2, got {num_layers}")
+    if num_layers == 2 and num_hidden_units <= 0:
+      raise ValueError(f"MLP.num_hidden_units must be positive with 2 layers, got {num_hidden_units}")
+    if gate_type not in GATE_TYPES:
+      raise ValueError(f"unknown gate_type {gate_type!r}; known: {GATE_TYPES}")
+    self.hidden_activation = _activation(hidden_activation, "hidden_activation")
+    self.final_activation = _activation(final_activation, "final_activation")
+    self.gate_type = gate_type
+    self.dtype = initializers.as_dtype(dtype)
+    gate_input = num_input_features
+    with self.name_scope:
+      if num_layers == 2:
+        self.hidden = Dense(num_input_features, num_hidden_units, use_bias, dtype=dtype,
+                            name="hidden0")
+        gate_input = num_hidden_units
+      else:
+        self.hidden = None
+      self.output_layer = Dense(gate_input, num_output_features, use_bias, dtype=dtype,
+                                name="output_layer")
+      if gate_type == "bias":
+        self.gate_bias = tf.Variable(initializers.normal([num_output_features], 0.1),
+                                     name="gate_bias")
+      elif gate_type == "full":
+        self.gate = Dense(gate_input, num_output_features, use_bias=True, kernel_scale=0.1,
+                          bias_stddev=0.1, dtype=dtype, name="gate")
+      elif gate_type == "lstm":
+        self.forget_gate = Dense(gate_input, num_output_features, use_bias=True,
+                                 kernel_scale=0.1, bias_stddev=0.1, dtype=dtype,
+                                 name="forget_gate")
+        self.input_gate = Dense(gate_input, num_output_features, use_bias=True,
+                                kernel_scale=0.1, bias_stddev=0.1, dtype=dtype,
+                                name="input_gate")
+
+  def __call__(self, x, state, dropout=None):
+    """Args: x [..., in]; state [..., out]; dropout: optional function applied to y.
+
+    Returns the gated output [..., out].
+    """
+    h = x
+    if self.hidden is not None:
+      h = self.hidden_activation(self.hidden(x))
+    y = self.output_layer(h)
+    if self.final_activation is not None:
+      y = self.final_activation(y)
+    if dropout is not None:
+      y = dropout(y)
+    return self.apply_gate(state, y, h)
+
+  def apply_gate(self, state, y, h):
+    if self.gate_type == "residual":
+      return state + y
+    if self.gate_type == "bias":
+      g = tf.cast(tf.sigmoid(self.gate_bias), state.dtype)
+      return state * g + y * (1.0 - g)
+    if self.gate_type == "full":
+      g = tf.sigmoid(self.gate(h) + 1.0)
+      return state * g + y * (1.0 - g)
+    forget = tf.sigmoid(self.forget_gate(h) + 1.0)
+    remember = tf.sigmoid(self.input_gate(h) - 1.0)
+    return state * forget + y * remember

@@ -1,0 +1,117 @@
+"""The decoder-only language model: next-token targets, the summed loss, and metric sums."""
+
+import math
+
+import gin
+import tensorflow as tf
+
+from meliad_tf import decoder as decoder_lib
+
+LOG2_E = 1.4426950408889634
+
+
+def shift_targets(tokens):
+  """Targets are the inputs shifted left inside the segment; the last position gets 0."""
+  return tf.concat([tokens[:, 1:], tf.zeros_like(tokens[:, :1])], axis=1)
+
+
+def prediction_mask(input_tokens, target_tokens, loss_mask=None):
+  """Positions that count: input and target both non-padding, and inside the loss mask."""
+  mask = (input_tokens > 0) & (target_tokens > 0)
+  if loss_mask is not None:
+    mask &= loss_mask
+  return mask
+
+
+@gin.configurable(module="models")
+class DecoderOnlyLanguageModel(tf.Module):
+  """Scores a batch of segments; returns metric *sums* so that they add across replicas.
+
+  Args:
+    task_config: a TransformerTaskConfig.
+    decoder_factory: builds the decoder stack (gin: DecoderStack).
+    sample_method: "sample" or "greedy", for generation.
+    output_token_losses: also return the per-token losses [B, L].
+  """
+
+  def __init__(self, task_config, decoder_factory=decoder_lib.DecoderStack,
+               sample_method="sample", output_token_losses=False, name="model"):
+    super().__init__(name=name)
+    if sample_method not in ("sample", "greedy"):
+      raise ValueError(f"DecoderOnlyLanguageModel.sample_method must be 'sample' or 'greedy', "
+                       f"got {sample_method!r}")
+    self.task_config = task_config
+    self.sample_method = sample_method
+    self.output_token_losses = output_token_losses
+    with self.name_scope:
+      self.decoder = decoder_factory(task_config=task_config)
+
+  @property
+  def vocab_size(self):
+    return self.task_config.vocab_size
+
+  def state_spec(self, batch_size):
+    return self.decoder.state_spec(batch_size)
+
+  def initial_state(self, batch_size):
+    return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype),
+                                 self.state_spec(batch_size))
+
+  def __call__(self, batch, state, *, training=False, seed=None):
+    """Runs one segment per stream.
+
+    Args:
+      batch: dict with `targets` int32 [B, L], `start_of_sequence` bool [B], and
+        optionally `loss_mask` bool [B, L] and `num_chars` int32 [B].
+      state: the per-stream state (see `state_spec`).
+      training: enables dropout.
+      seed: [2] int dropout seed for this step.
+    Returns:
+      (loss, metrics, new_state): `loss` is the float32 SUM of the token losses (Meliad's
+      objective); `metrics` holds sums: loss, token_count, correct, num_chars, and
+      optionally token_losses [B, L].
+    """
+    tokens = tf.math.floormod(tf.cast(batch["targets"], tf.int32), self.vocab_size)
+    targets = shift_targets(tokens)
+    logits, new_state = self.decoder(tokens, batch["start_of_sequence"], state,
+                                     training=training, seed=seed)
+    mask = prediction_mask(tokens, targets, batch.get("loss_mask"))
+    weights = tf.cast(mask, tf.float32)
+    token_losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets,
+                                                                  logits=logits) * weights
+    loss = tf.reduce_sum(token_losses)
+    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets),
+                      tf.float32) * weights
+    metrics = {
+        "loss": loss,
+        "token_count": tf.reduce_sum(weights),
+        "correct": tf.reduce_sum(correct),
+    }
+    if "num_chars" in batch:
+      metrics["num_chars"] = tf.cast(tf.reduce_sum(batch["num_chars"]), tf.float32)
+    if self.output_token_losses:
+      metrics["token_losses"] = token_losses
+    return loss, metrics, new_state
+
+
+def summarize(sums):
+  """Meliad's metrics from summed counts (works on numpy or Python numbers).
+
+  Returns loss (sum), nats/bits per token, bits per byte (if num_chars), accuracy and
+  perplexity. Empty counts give zeros rather than NaN, with Meliad's 1e-6 guard.
+  """
+  tokens = float(sums["token_count"])
+  loss = float(sums["loss"])
+  nats = loss / (tokens + 1e-6)
+  result = {
+      "loss": loss,
+      "token_count": tokens,
+      "nats_per_token": nats,
+      "bits_per_token": nats * LOG2_E,
+      "accuracy": float(sums["correct"]) / (tokens + 1e-6),
+      "perplexity": math.exp(nats),
+  }
+  if "num_chars" in sums:
+    result["num_chars"] = float(sums["num_chars"])
+    result["bits_per_char"] = loss / (float(sums["num_chars"]) + 1e-6) * LOG2_E
+  return result
