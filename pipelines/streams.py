@@ -1,0 +1,202 @@
+"""Ordered per-stream segments: the batches a long-context model trains on (DESIGN.md §4).
+
+A stream is one batch slot. It reads documents one after another; each document is tokenized
+whole and cut into segments of L tokens, the last one right-padded with 0. Batch t+1 holds, in
+slot b, the segment that follows slot b's segment in batch t, so a model's per-slot state (XL
+cache, recurrent state, memory) carries over.
+
+Document order. Documents are dealt to the S streams of an input pipeline round-robin: in epoch
+e, stream s reads documents s, s+S, s+2S, ... of that epoch's order. Training repeats forever,
+with a new order per epoch drawn from (seed, e): an exact permutation for indexed sources, a
+buffered shuffle for streaming ones. So every document appears exactly once per epoch across the
+streams. A stream counts its own epochs: when its share of epoch e is done it starts its share of
+epoch e+1 while other streams may still be in epoch e. Evaluation reads each document once in
+the source's order, then gives finished streams empty segments until every stream is done.
+
+Everything is tf.data operations without Python generators, so `tf.train.Checkpoint(iterator=)`
+saves the position of every stream and a restored iterator resumes at the very next segment.
+
+Distribution. With an input context, documents are first split between input pipelines
+(document k goes to pipeline k mod P), so hosts read disjoint documents. An input pipeline
+serves R = num_replicas_in_sync / P replicas: it runs S = R * B streams and emits, per step, R
+consecutive batches of B slots, replica r's batch holding streams r*B .. r*B+B-1. That is the
+order in which `distribute_datasets_from_function` hands a pipeline's elements to its replicas,
+so slot b of each replica keeps its stream from step to step.
+"""
+
+import sys
+from typing import Dict, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from pipelines import loss_mask as loss_mask_lib
+from pipelines import sources as sources_lib
+from pipelines import vocabularies
+
+# Fields of a batch, all [B] or [B, L].
+FIELDS = ("targets", "start_of_sequence", "epoch", "loss_mask", "num_chars", "nonzero_tokens",
+          "document_id")
+_VERBOSE_CHARS = 60
+
+
+def _document_order(source: sources_lib.Source, split: str, training: bool, seed: int,
+                    pipeline: Tuple[int, int], num_streams: int, stream: int) -> tf.data.Dataset:
+  """The documents stream `stream` reads, with their epoch: {"text", "document_id", "epoch"}."""
+  num_pipelines, pipeline_id = pipeline
+
+  if isinstance(source, sources_lib.IndexedSource):
+    indices = np.arange(source.num_documents(split), dtype=np.int64)[pipeline_id::num_pipelines]
+
+    def read(index, epoch):
+      return dict(source.read(split, index), epoch=tf.cast(epoch, tf.int32))
+
+    if not training:
+      order = tf.data.Dataset.from_tensor_slices(indices).shard(num_streams, stream)
+      return order.map(lambda i: read(i, 0))
+
+    def epoch_order(epoch):
+      epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+      keys = tf.random.stateless_uniform([len(indices)], seed=epoch_seed, minval=None, maxval=None,
+                                         dtype=tf.int64)
+      permuted = tf.gather(indices, tf.argsort(keys))
+      return tf.data.Dataset.from_tensor_slices(permuted).shard(num_streams, stream).map(
+          lambda i: read(i, epoch))
+
+    return tf.data.Dataset.counter().flat_map(epoch_order)
+
+  documents = source.documents(split).shard(num_pipelines, pipeline_id)
+  if not training:
+    return documents.shard(num_streams, stream).map(lambda doc: dict(doc, epoch=0))
+
+  # Each stream reads the whole shard and keeps its 1/S share: the same seed gives every stream
+  # the same order, so the shares are disjoint. That costs S reads of the records per epoch.
+  def epoch_documents(epoch):
+    shuffled = documents.shuffle(source.shuffle_buffer_size, seed=seed * 1_000_003 + epoch,
+                                 reshuffle_each_iteration=False)
+    return shuffled.shard(num_streams, stream).map(lambda doc: dict(doc, epoch=tf.cast(epoch, tf.int32)))
+
+  return tf.data.Dataset.counter().flat_map(epoch_documents)
+
+
+def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length: int,
+               mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]], verbose: bool):
+  """A function from one document to all its segments, every field with a leading [segments]."""
+  token_bytes = tf.constant(vocab.token_byte_lengths())
+  start_tokens, end_tokens = mask_tokens
+  length = sequence_length
+
+  def segment(document):
+    text, document_id = document["text"], document["document_id"]
+    if verbose:
+      tf.print("INFO text_dataset: reading document", document_id, ":",
+               tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"), output_stream=sys.stderr)
+    tokens = vocab.encode_tf(text, document_id, source_name)  # [n]
+    num_tokens = tf.size(tokens)
+    num_segments = (num_tokens + length - 1) // length
+    padding = num_segments * length - num_tokens
+    if start_tokens:
+      mask = loss_mask_lib.loss_mask(tokens, start_tokens, end_tokens, document_id)
+    else:
+      mask = tf.ones([num_tokens], tf.bool)
+    targets = tf.reshape(tf.pad(tokens, [[0, padding]]), [num_segments, length])
+    mask = tf.reshape(tf.pad(mask, [[0, padding]]), [num_segments, length])
+    # Position 0 of a segment is never predicted (spec §10 item 14), nor is padding.
+    predicted = mask & (targets != vocabularies.PAD_ID) & (tf.range(length) >= 1)[tf.newaxis, :]
+    predicted_int = tf.cast(predicted, tf.int32)
+    return {
+        "targets": targets,
+        "start_of_sequence": tf.range(num_segments) == 0,
+        "epoch": tf.fill([num_segments], document["epoch"]),
+        "loss_mask": mask,
+        "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
+        "nonzero_tokens": tf.reduce_sum(predicted_int, axis=1),
+        "document_id": tf.fill([num_segments], document_id),
+    }
+
+  return segment
+
+
+def _empty_segment(sequence_length: int) -> Dict[str, tf.Tensor]:
+  """What a finished stream emits in evaluation: all padding, nothing predicted."""
+  return {
+      "targets": tf.zeros([sequence_length], tf.int32),
+      "start_of_sequence": tf.constant(False),
+      "epoch": tf.constant(0, tf.int32),
+      "loss_mask": tf.zeros([sequence_length], tf.bool),
+      "num_chars": tf.constant(0, tf.int32),
+      "nonzero_tokens": tf.constant(0, tf.int32),
+      "document_id": tf.constant(""),
+  }
+
+
+def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, split: str,
+                   sequence_length: int, batch_size: int, training: bool, seed: int,
+                   num_input_pipelines: int = 1, input_pipeline_id: int = 0,
+                   replicas_per_pipeline: int = 1,
+                   mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ()),
+                   verbose: bool = False) -> tf.data.Dataset:
+  """Batches of ordered per-stream segments (see the module docstring).
+
+  Args:
+    source: where documents come from.
+    vocab: tokenizes each whole document.
+    split: the source split to read.
+    sequence_length: L, tokens per segment.
+    batch_size: B, slots per batch (per replica).
+    training: endless shuffled epochs if True; one ordered pass, padded to the end, if False.
+    seed: draws the per-epoch document order in training.
+    num_input_pipelines: P, input pipelines sharing the documents.
+    input_pipeline_id: this pipeline's index in [0, P).
+    replicas_per_pipeline: R, replicas fed by this pipeline, one batch each per step.
+    mask_tokens: (start, end) loss-mask token subsequences; start empty means no mask.
+    verbose: log the start of every document read.
+
+  Returns:
+    A dataset of dicts: targets int32 [B, L], start_of_sequence bool [B], epoch int32 [B],
+    loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B], document_id string [B].
+  """
+  num_streams = replicas_per_pipeline * batch_size
+  num_documents = source.num_documents(split)
+  if num_documents is not None:
+    local_documents = len(range(input_pipeline_id, num_documents, num_input_pipelines))
+    if local_documents == 0:
+      raise ValueError(f"Split {split!r} of source {source.name!r} has no documents for input pipeline "
+                       f"{input_pipeline_id} of {num_input_pipelines} ({num_documents} in all).")
+    # A stream whose share of an epoch is empty would look for documents forever.
+    if training and local_documents < num_streams:
+      raise ValueError(
+          f"Split {split!r} of source {source.name!r} has {local_documents} documents for input pipeline "
+          f"{input_pipeline_id}, fewer than its {num_streams} streams (batch size {batch_size} x "
+          f"{replicas_per_pipeline} replicas); use a smaller batch size or a larger split.")
+  logging.info("Streams: %s split %s, %d documents, %d streams of L=%d, %s, pipeline %d of %d.",
+               source.name, split, -1 if num_documents is None else num_documents, num_streams,
+               sequence_length, "training" if training else "evaluation", input_pipeline_id,
+               num_input_pipelines)
+
+  segment = _segmenter(vocab, source.name, sequence_length, mask_tokens, verbose)
+  streams = []
+  for stream in range(num_streams):
+    documents = _document_order(source, split, training, seed,
+                                (num_input_pipelines, input_pipeline_id), num_streams, stream)
+    # Tokenizing the next document while the current one is consumed keeps the streams' work
+    # off the critical path of the batch.
+    segments = documents.map(segment).prefetch(1).unbatch()
+    if not training:
+      segments = segments.map(lambda s: dict(s, real=True)).concatenate(
+          tf.data.Dataset.from_tensors(dict(_empty_segment(sequence_length), real=False)).repeat())
+    streams.append(segments)
+
+  def stack(*segments):
+    return {key: tf.stack([s[key] for s in segments]) for key in segments[0]}
+
+  batches = tf.data.Dataset.zip(tuple(streams)).map(stack)  # [S, ...] per field
+  if not training:
+    batches = batches.take_while(lambda batch: tf.reduce_any(batch["real"]))
+    batches = batches.map(lambda batch: {key: batch[key] for key in FIELDS})
+  if replicas_per_pipeline > 1:
+    batches = batches.map(lambda batch: {
+        key: tf.reshape(value, [replicas_per_pipeline, batch_size] + value.shape[1:].as_list())
+        for key, value in batch.items()}).unbatch()
+  return batches.prefetch(tf.data.AUTOTUNE)

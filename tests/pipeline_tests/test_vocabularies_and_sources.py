@@ -1,0 +1,100 @@
+"""Vocabularies (ids, decode, bad input) and source details (splits, synthetic structure)."""
+
+import re
+
+import pytest
+import tensorflow as tf
+
+import pipelines
+from pipeline_helpers import reconstruct, take
+
+
+def test_byte_vocabulary_shifts_by_three_and_keeps_undecodable_bytes():
+  vocab = pipelines.ByteVocabulary()
+  assert vocab.vocab_size == 259 and vocab.kind == "bytes"
+  assert vocab.encode(b"A\xff") == [65 + 3, 255 + 3]
+  assert vocab.decode_bytes([0, 68, 258, 1, 2]) == b"A\xff"
+  assert vocab.decode([68, 258]) == "A\ufffd"
+
+
+def test_raw_byte_vocabulary_passes_bytes_and_rejects_byte_zero(tmp_path):
+  vocab = pipelines.RawByteVocabulary()
+  assert vocab.vocab_size == 256 and vocab.encode(b"Az") == [65, 122]
+  (tmp_path / "nul.bin").write_bytes(b"a\x00b")
+  task = pipelines.get_task(f"files_raw_bytes:{tmp_path}/*.bin")
+  split = pipelines.hash_split("nul.bin")
+  dataset = pipelines.load_text_dataset(task, split, sequence_length=8, batch_size=1, training=False)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"byte 0[\s\S]*files:.*nul\.bin"):
+    take(dataset, 1)
+
+
+def test_sentencepiece_ids_and_decode(sentencepiece_model):
+  vocab = pipelines.SentencePieceVocabulary(sentencepiece_model)
+  assert vocab.kind == "sentencepiece" and vocab.vocab_size == 400
+  text = "def f(x):\n    return x  # \u00e9t\u00e9\n"
+  ids = vocab.encode(text)
+  assert 0 not in ids and vocab.decode(ids) == text
+  assert vocab.decode(ids + [0, 0]) == text  # padding decodes to nothing
+  lengths = vocab.token_byte_lengths()
+  assert lengths[0] == 0 and lengths.shape == (400,)
+
+
+def test_sentencepiece_replaces_undecodable_bytes_without_failing(tmp_path, sentencepiece_model):
+  (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe then more\n")
+  task = pipelines.get_task(f"files_tokens:{tmp_path}/*.txt",
+                            vocabulary=pipelines.SentencePieceVocabulary(sentencepiece_model))
+  split = pipelines.hash_split("bad.txt")
+  batches = take(pipelines.load_text_dataset(task, split, sequence_length=64, batch_size=1,
+                                             training=False), 5)
+  (document,) = reconstruct(batches, ended=True)
+  assert task.vocabulary.decode(document.tokens) == "ok \ufffd\ufffd then more\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"not a model", "is not a SentencePiece model"),
+])
+def test_sentencepiece_model_file_errors_name_the_file(tmp_path, content, message):
+  path = tmp_path / "vocab.model"
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises((ValueError, FileNotFoundError), match=f"{re.escape(str(path))}.*{message}"):
+    pipelines.SentencePieceVocabulary(str(path))
+
+
+def test_hash_split_is_stable_and_roughly_90_5_5():
+  assert pipelines.hash_split("json") == pipelines.hash_split("json")
+  counts = {"train": 0, "validation": 0, "test": 0}
+  for i in range(4000):
+    counts[pipelines.hash_split(f"document_{i}")] += 1
+  assert 3450 < counts["train"] < 3750 and 120 < counts["validation"] < 280 and 120 < counts["test"] < 280
+
+
+def test_stdlib_splits_are_disjoint_and_test_is_reasonably_sized():
+  source = pipelines.PythonStdlibSource()
+  names = {split: set(source.document_names(split)) for split in ("train", "validation", "test")}
+  assert not (names["train"] & names["test"]) and not (names["train"] & names["validation"])
+  assert len(names["test"]) >= 5 and len(names["train"]) >= 100
+  assert "json" in set.union(*names.values()) and "site-packages" not in set.union(*names.values())
+
+
+def test_synthetic_documents_state_facts_then_ask_them_far_later():
+  source = pipelines.SyntheticSource(seed=3, num_documents=4, document_length=4000, num_facts=5)
+  text = source.generate("train", 2)
+  assert text == pipelines.SyntheticSource(seed=3, num_documents=9, document_length=4000,
+                                           num_facts=5).generate("train", 2)
+  assert text != source.generate("test", 2) and text != source.generate("train", 1)
+  assert b"\x00" not in text and abs(len(text) - 4000) < 100
+  facts = re.findall(rb"key (\w+) = value (\w+)\.", text)
+  stated, asked = facts[:5], facts[5:]
+  assert len(asked) == 5 and sorted(asked) == sorted(stated)
+  # The first recall is far beyond a 256-byte window from its statement.
+  first_key = asked[0][0]
+  assert text.rindex(first_key) - text.index(first_key) > 2048
+
+
+def test_synthetic_task_feeds_meliads_256_embeddings():
+  task = pipelines.get_task("synthetic")
+  assert task.vocabulary.kind == "raw_bytes" and task.vocabulary.vocab_size == 256
+  batch = take(pipelines.load_text_dataset(task, "train", sequence_length=128, batch_size=2), 1)[0]
+  assert batch["targets"].max() < 256 and batch["start_of_sequence"].all()

@@ -1,0 +1,134 @@
+"""meliad-data: look at the batches a task produces, and dump them as JSON lines.
+
+  meliad-data --source=python_stdlib --batch_size=4 --sequence_length=512 --num_batches=3
+  meliad-data --source=python_stdlib --batch_size=4 --sequence_length=512 --num_batches=400 \
+      --dump=batches.jsonl
+
+`--source` is a task name (see `pipelines.get_task`, e.g. pg19_bytes, files_tokens:/data/*.txt)
+or a source short name: python_stdlib, synthetic, files:GLOB, tree:DIR, tfds:NAME:FEATURE.
+`--vocab` (bytes, raw_bytes, or a SentencePiece .model path) overrides a task's vocabulary and
+defaults to bytes for a short name.
+
+The first `--print_batches` batches are printed per slot: slot, document id, start flag, epoch and
+the decoded text, shortened. With `--dump`, every batch is one JSON object per line holding all
+fields as lists (`document_id` the per-slot document identity); progress goes to stderr.
+"""
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import gin
+from absl import app
+from absl import flags
+
+import pipelines
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("source", "python_stdlib", "Task name or source short name (see the module docs).",
+                    allow_override=True)
+flags.DEFINE_string("vocab", None, "bytes | raw_bytes | path to a SentencePiece .model.")
+flags.DEFINE_string("split", "train", "Split to read.", allow_override=True)
+flags.DEFINE_integer("batch_size", 4, "B, streams per batch.")
+flags.DEFINE_integer("sequence_length", 512, "L, tokens per segment.")
+flags.DEFINE_integer("num_batches", 3, "Batches to read (fewer if an evaluation pass ends first).")
+flags.DEFINE_integer("print_batches", 3, "Batches to print decoded.")
+flags.DEFINE_integer("max_chars", 100, "Characters of decoded text printed per slot.")
+flags.DEFINE_string("dump", None, "Write every batch to this file as JSON lines.")
+flags.DEFINE_integer("seed", 42, "Seed of the training document order.")
+flags.DEFINE_bool("eval", False, "Evaluation mode: one ordered pass, then the dataset ends.")
+flags.DEFINE_string("default_data_dir", None, "TFDS data directory (e.g. where pg19 is prepared).",
+                    allow_override=True)
+flags.DEFINE_multi_string("gin_file", [], "Gin files configuring sources and vocabularies.")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. pipelines.synthetic.num_facts=8.",
+                          allow_override=True)
+
+_PROGRESS_SECONDS = 5.0
+
+
+def _task() -> pipelines.Task:
+  """The task the flags name; any bad flag is reported here, before reading data."""
+  if FLAGS.sequence_length <= 0:
+    raise app.UsageError(f"--sequence_length must be positive, got {FLAGS.sequence_length}.")
+  if FLAGS.batch_size <= 0:
+    raise app.UsageError(f"--batch_size must be positive, got {FLAGS.batch_size}.")
+  if FLAGS.num_batches < 0:
+    raise app.UsageError(f"--num_batches must not be negative, got {FLAGS.num_batches}.")
+  if FLAGS.dump:
+    directory = os.path.dirname(os.path.abspath(FLAGS.dump))
+    if not os.path.isdir(directory):
+      raise app.UsageError(f"--dump={FLAGS.dump}: the directory {directory!r} does not exist.")
+  try:
+    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_param)
+    pipelines.set_default_data_directory(FLAGS.default_data_dir)
+    vocab = pipelines.make_vocabulary(FLAGS.vocab) if FLAGS.vocab else None
+    if pipelines.is_source_name(FLAGS.source):
+      return pipelines.Task(FLAGS.source, pipelines.make_source(FLAGS.source),
+                            vocab or pipelines.ByteVocabulary())
+    return pipelines.get_task(FLAGS.source, vocabulary=vocab)
+  except (ValueError, OSError) as e:
+    raise app.UsageError(f"--source={FLAGS.source} --vocab={FLAGS.vocab}: {e}") from e
+
+
+def batch_to_json(step: int, batch) -> dict:
+  """One batch as plain lists; document ids decoded as UTF-8."""
+  row = {"step": step}
+  for key, value in batch.items():
+    value = value.numpy()
+    if key == "document_id":
+      row[key] = [v.decode("utf-8", errors="replace") for v in value]
+    else:
+      row[key] = value.tolist()
+  return row
+
+
+def print_batch(step: int, batch, vocab: pipelines.Vocabulary, max_chars: int) -> None:
+  print(f"batch {step}")
+  for slot in range(batch["targets"].shape[0]):
+    text = vocab.decode(batch["targets"][slot].numpy().tolist())
+    shown = text[:max_chars] + ("..." if len(text) > max_chars else "")
+    doc_id = batch["document_id"][slot].numpy().decode("utf-8", errors="replace")
+    print(f"  slot {slot} doc={doc_id!r} start={bool(batch['start_of_sequence'][slot])} "
+          f"epoch={int(batch['epoch'][slot])} chars={int(batch['num_chars'][slot])}: {shown!r}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  task = _task()
+  try:
+    dataset = pipelines.load_text_dataset(
+        task, split=FLAGS.split, sequence_length=FLAGS.sequence_length, batch_size=FLAGS.batch_size,
+        training=not FLAGS.eval, seed=FLAGS.seed)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  print(f"task {task.name}: source {task.source.name}, vocabulary {task.vocabulary!r}, split {FLAGS.split}")
+
+  start = last_report = time.time()
+  tokens = 0
+  count = 0
+  with open(FLAGS.dump, "w", encoding="utf-8") if FLAGS.dump else contextlib.nullcontext() as dump:
+    for batch in dataset.take(FLAGS.num_batches):
+      if count < FLAGS.print_batches:
+        print_batch(count, batch, task.vocabulary, FLAGS.max_chars)
+      tokens += int(batch["targets"].shape[0] * batch["targets"].shape[1])
+      if dump:
+        dump.write(json.dumps(batch_to_json(count, batch)) + "\n")
+      count += 1
+      if time.time() - last_report > _PROGRESS_SECONDS:
+        last_report = time.time()
+        print(f"{count} batches, {tokens / (last_report - start):.0f} tokens/s", file=sys.stderr, flush=True)
+  elapsed = max(time.time() - start, 1e-9)
+  print(f"{count} batches, {tokens} tokens, {tokens / elapsed:.0f} tokens/s"
+        + (f", written to {FLAGS.dump}" if FLAGS.dump else ""), file=sys.stderr)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
