@@ -37,11 +37,12 @@ def _param_key(param: tf.Variable) -> str:
   replica suffix; its slots are those of the distributed variable it belongs to. TF exposes that link only
   through `_distributed_container` (set on the variable or on its handle), which is what Keras reads too.
   """
-  for owner in (param, getattr(param, "handle", None)):
-    container = getattr(owner, "_distributed_container", None)
-    if container is not None and container() is not None:
-      param = container()
-      break
+  if not isinstance(param, tf.distribute.DistributedValues):
+    for owner in (param, getattr(param, "handle", None)):
+      container = getattr(owner, "_distributed_container", None)
+      if container is not None and container() is not None:
+        param = container()
+        break
   name = param.name
   return name[:-2] if name.endswith(":0") else name
 
@@ -243,6 +244,7 @@ class Adafactor(Optimizer):
     return shapes
 
   def update(self, param_value, grad, slot_values, step, learning_rate):
+    """One Adafactor step for one parameter, on tensors; see `Optimizer.update` and the class docstring."""
     param = tf.convert_to_tensor(param_value, tf.float32)
     grad = tf.cast(grad, tf.float32)
     t = tf.cast(step, tf.float32) - self.step_offset + 1.0
@@ -325,6 +327,7 @@ class Adam(Optimizer):
     return {"grad_ema": shape, "grad_sq_ema": shape}
 
   def update(self, param_value, grad, slot_values, step, learning_rate):
+    """One Adam step for one parameter, on tensors; see `Optimizer.update` and the class docstring."""
     param = tf.convert_to_tensor(param_value, tf.float32)
     grad = tf.cast(grad, tf.float32)
     learning_rate = tf.cast(learning_rate, tf.float32)

@@ -5,8 +5,8 @@ Meliad's module name, so the option files' bindings (`optimizer_config.lr_cosine
 references (`@optimizer_config.lr_rsqrt_decay`) work unchanged. The schedules are written with TF ops on a
 float32 step, so they run eagerly, inside `tf.function` and under XLA; their hyperparameters are checked in
 Python when the function is called, so a bad value fails at trace time with a `ValueError`, never inside a
-compiled step. The arithmetic follows Meliad's jnp expressions operation for operation, so the float32 results
-agree with the reference to the last bit or two.
+compiled step. The arithmetic follows Meliad's jnp expressions operation for operation, in float32 as Meliad
+computes them.
 
 `learning_rate` composes a schedule with the trainer's warm-up, base rate and multiplier
 (Meliad's `Trainer.learning_rate_schedule_fn`).
