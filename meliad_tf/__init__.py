@@ -8,4 +8,7 @@ from meliad_tf import layer
 from meliad_tf import mlp
 from meliad_tf import model
 from meliad_tf import norms
+from meliad_tf import optimizer
+from meliad_tf import schedules
 from meliad_tf import task_config
+from meliad_tf import trainer

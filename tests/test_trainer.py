@@ -1,0 +1,120 @@
+"""The trainer: restore continues the run, and two replicas equal one device (invariant 6)."""
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from meliad_tf import checkpoints
+from meliad_tf import gin_setup
+from meliad_tf import trainer as trainer_lib
+
+TINY = ["base_htrans.gin", "size/tiny_test.gin"]
+
+
+def configure(*params):
+  gin.clear_config()
+  gin_setup.parse(TINY, ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16",
+                         "MLP_DIM = 64", "Trainer.warmup_steps = 2", "Trainer.max_scheduled_steps = 100",
+                         "Trainer.status_every_steps = 0", "Trainer.log_every_steps = 0",
+                         "Trainer.print_input_every_steps = 0",
+                         "Trainer.generate_every_steps = 0",
+                         # Graph mode compiles in a second; XLA is pinned by its own test.
+                         "Trainer.jit_compile = False"] + list(params))
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+  yield
+  gin.clear_config()
+
+
+def build(*params, strategy=None):
+  configure(*params)
+  return trainer_lib.Trainer().build(strategy)
+
+
+def test_restore_continues_step_count_and_losses(tmp_path):
+  params = ["Trainer.num_steps = 6", "Trainer.checkpoint_every_steps = 3",
+            "Trainer.test_every_steps = 0"]
+  straight = build(*params)
+  straight_losses = [straight.train_step()[1]["loss"] for _ in range(6)]
+
+  first = build(*params)
+  first.train(str(tmp_path))
+  assert first.step == 6
+  resumed = build("Trainer.num_steps = 6", "Trainer.test_every_steps = 0")
+  keeper = checkpoints.CheckpointKeeper(resumed, str(tmp_path))
+  assert keeper.restore()
+  assert resumed.step == 6
+
+  # Resume from the checkpoint taken after step 3 (the oldest is gone with keep=1, so
+  # train a fresh run to 3 and restart it).
+  workdir = tmp_path / "mid"
+  build("Trainer.num_steps = 3", "Trainer.test_every_steps = 0").train(str(workdir))
+  continued = build(*params)
+  keeper = checkpoints.CheckpointKeeper(continued, str(workdir))
+  keeper.restore()
+  assert continued.step == 3
+  continued_losses = [continued.train_step()[1]["loss"] for _ in range(3)]
+  np.testing.assert_allclose(continued_losses, straight_losses[3:], rtol=1e-6)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  build("Trainer.num_steps = 1", "Trainer.test_every_steps = 0").train(str(tmp_path))
+  other = build("Trainer.num_steps = 1", "EMBED_DIM = 48", "Trainer.test_every_steps = 0")
+  with pytest.raises(checkpoints.IncompatibleCheckpointError, match="embedding"):
+    other.train(str(tmp_path))
+
+
+def test_mirrored_strategy_over_two_cpus_equals_one_device():
+  params = ["Trainer.num_steps = 2", "Trainer.test_every_steps = 0"]
+  single = build("TransformerTaskConfig.batch_size = 2", *params)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  mirrored = build("TransformerTaskConfig.batch_size = 1", *params, strategy=strategy)
+  for _ in range(2):
+    host_single, metrics_single = single.train_step()
+    host_mirrored, metrics_mirrored = mirrored.train_step()
+    np.testing.assert_array_equal(host_single["targets"], host_mirrored["targets"])
+    np.testing.assert_allclose(metrics_mirrored["loss"], metrics_single["loss"], rtol=1e-5)
+  for a, b in zip(single.params, mirrored.params):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.name)
+  single_state = single.train_state.values()
+  mirrored_state = mirrored.train_state.values()
+  tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                        single_state, mirrored_state)
+  # The replicas really hold different streams.
+  keys = mirrored_state["layer_0"]["keys"]
+  assert not np.allclose(keys[0], keys[1])
+
+
+def test_mirrored_state_round_trips_through_a_checkpoint(tmp_path):
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  params = ["TransformerTaskConfig.batch_size = 1", "Trainer.num_steps = 2",
+            "Trainer.test_every_steps = 0"]
+  trained = build(*params, strategy=strategy)
+  trained.train(str(tmp_path))
+  saved = trained.train_state.values()
+  restored = build(*params, strategy=strategy)
+  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  per_replica = [c.numpy() for c in strategy.experimental_local_results(
+      restored.train_state.live["layer_0"]["keys"])]
+  np.testing.assert_array_equal(per_replica[0], saved["layer_0"]["keys"][:1])
+  np.testing.assert_array_equal(per_replica[1], saved["layer_0"]["keys"][1:])
+
+
+def test_xla_step_equals_graph_step():
+  params = ["Trainer.num_steps = 2", "Trainer.test_every_steps = 0"]
+  graph = build(*params)
+  xla = build("Trainer.jit_compile = True", *params)
+  for _ in range(2):
+    np.testing.assert_allclose(xla.train_step()[1]["loss"], graph.train_step()[1]["loss"],
+                               rtol=1e-5)
+  for a, b in zip(graph.params, xla.params):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.name)
+
+
+def test_should_run_follows_meliad():
+  assert not trainer_lib.should_run(0, 10)
+  assert trainer_lib.should_run(10, 10)
+  assert not trainer_lib.should_run(10, 0)

@@ -1,0 +1,57 @@
+"""meliad-train: train a model from gin files, as Meliad's launcher does.
+
+  meliad-train --gin_file=base_htrans.gin --gin_file=size/small_test.gin --workdir=DIR
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from meliad_tf import distribution
+from meliad_tf import gin_setup
+from meliad_tf import trainer as trainer_lib
+import pipelines
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", ["base_htrans.gin"],
+                          "Gin files, in order; base_htrans.gin must come first.")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the files.")
+flags.DEFINE_list("gin_search_paths", [], "Extra directories searched for gin files and "
+                  "includes (the shipped configs are always searched).")
+flags.DEFINE_string("workdir", "", "Checkpoints, TensorBoard summaries and config.gin.")
+flags.DEFINE_string("load_dir", "", "A workdir to start from if --workdir has no checkpoint.")
+flags.DEFINE_string("default_data_dir", None, "TensorFlow Datasets data directory.")
+flags.DEFINE_string("tpu", "", "TPU name or address ('local' on a TPU VM); implies "
+                    "--strategy=tpu.")
+flags.DEFINE_enum("strategy", "default", list(distribution.STRATEGIES),
+                  "tf.distribute strategy: one device, all local GPUs (mirrored), several "
+                  "hosts (multi_worker, from TF_CONFIG) or a TPU.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  gin_setup.parse(FLAGS.gin_file, FLAGS.gin_param, FLAGS.gin_search_paths)
+  if FLAGS.default_data_dir:
+    pipelines.set_default_data_directory(FLAGS.default_data_dir)
+  strategy = distribution.make_strategy(FLAGS.strategy, FLAGS.tpu)
+  trainer = trainer_lib.Trainer().build(strategy)
+  test_metrics = trainer.train(FLAGS.workdir, FLAGS.load_dir)
+  if test_metrics:
+    summary = (f"test after step {trainer.step}: "
+               f"{test_metrics.get('bits_per_char', float('nan')):.4f} bits per byte, "
+               f"{test_metrics['bits_per_token']:.4f} bits per token")
+    logging.info("%s", summary)
+    print(summary)
+  if FLAGS.workdir:
+    print(f"TensorBoard logs: tensorboard --logdir={FLAGS.workdir}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
