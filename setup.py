@@ -31,6 +31,7 @@ setuptools.setup(
     extras_require={"test": ["pytest==9.2.0"]},
     entry_points={
         "console_scripts": [
+            "meliad-train=meliad_tools.train:run",
             "meliad-data=meliad_tools.data:run",
             "meliad-vocab=meliad_tools.vocab:run",
         ],

@@ -8,6 +8,9 @@ import tensorflow as tf
 from meliad_tf import decoder as decoder_lib
 
 LOG2_E = 1.4426950408889634
+# Metrics under this prefix are per-step values that layers report (averaged over steps
+# and over replicas, not summed like counts).
+DIAGNOSTICS_PREFIX = "diagnostics/"
 
 
 def shift_targets(tokens):
@@ -94,11 +97,12 @@ class DecoderOnlyLanguageModel(tf.Module):
     return loss, metrics, new_state
 
 
-def summarize(sums):
-  """Meliad's metrics from summed counts (works on numpy or Python numbers).
+def summarize(sums, num_steps=1):
+  """Meliad's metrics from counts summed over `num_steps` steps (numpy or Python numbers).
 
-  Returns loss (sum), nats/bits per token, bits per byte (if num_chars), accuracy and
-  perplexity. Empty counts give zeros rather than NaN, with Meliad's 1e-6 guard.
+  Returns loss (sum), nats/bits per token, bits per byte (if num_chars), accuracy,
+  perplexity, and the diagnostics averaged over the steps. Empty counts give zeros
+  rather than NaN, with Meliad's 1e-6 guard.
   """
   tokens = float(sums["token_count"])
   loss = float(sums["loss"])
@@ -114,4 +118,7 @@ def summarize(sums):
   if "num_chars" in sums:
     result["num_chars"] = float(sums["num_chars"])
     result["bits_per_char"] = loss / (float(sums["num_chars"]) + 1e-6) * LOG2_E
+  for key, value in sums.items():
+    if key.startswith(DIAGNOSTICS_PREFIX):
+      result[key] = float(value) / max(num_steps, 1)
   return result

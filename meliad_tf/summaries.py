@@ -68,7 +68,8 @@ class Accumulator:
   """Sums metric counts over the steps between two TensorBoard flushes.
 
   `loss` is reported as Meliad does: the mean over steps of each step's summed loss;
-  per-token and per-byte figures are weighted by tokens and bytes.
+  per-token and per-byte figures are weighted by tokens and bytes; diagnostics (keys
+  starting with "diagnostics/") are averaged over steps.
   """
 
   def __init__(self):
@@ -90,7 +91,7 @@ class Accumulator:
     return self._summary({k: v for k, v in self.last.items() if k != "learning_rate"}, 1)
 
   def _summary(self, sums, steps):
-    result = model_lib.summarize(sums)
+    result = model_lib.summarize(sums, steps)
     result["loss"] = float(sums["loss"]) / max(steps, 1)
     if "learning_rate" in self.last:
       result["learning_rate"] = float(self.last["learning_rate"])

@@ -213,7 +213,7 @@ class Trainer:
 
     forward_backward = compile_fn(self._forward_backward)
     evaluate = compile_fn(self._evaluate)
-    mean, total = tf.distribute.ReduceOp.MEAN, tf.distribute.ReduceOp.SUM
+    mean = tf.distribute.ReduceOp.MEAN
 
     def distributed_train_step(batch):
       learning_rate = self.learning_rate(self.optimizer.iterations)
@@ -223,17 +223,23 @@ class Trainer:
       grads, metrics = self.strategy.run(lambda b, s: forward_backward(b, s), (batch, seed))
       # Each replica's loss is the sum over its streams; gradients are averaged (pmean).
       grads = self.strategy.reduce(mean, grads, axis=None)
-      metrics = self.strategy.reduce(total, metrics, axis=None)
+      metrics = self._reduce_metrics(metrics)
       self._apply_on_every_replica(grads, learning_rate)
       return dict(metrics, learning_rate=learning_rate)
 
     def distributed_test_step(batch):
-      metrics = self.strategy.run(lambda b: evaluate(b), (batch,))
-      return self.strategy.reduce(total, metrics, axis=None)
+      return self._reduce_metrics(self.strategy.run(lambda b: evaluate(b), (batch,)))
 
     wrap = (lambda f: f) if self.trace_debug_mode else tf.function
     self._train_step = wrap(distributed_train_step)
     self._test_step = wrap(distributed_test_step)
+
+  def _reduce_metrics(self, per_replica):
+    """Counts add up across replicas; diagnostics are averaged."""
+    return {key: self.strategy.reduce(
+        tf.distribute.ReduceOp.MEAN if key.startswith(model_lib.DIAGNOSTICS_PREFIX)
+        else tf.distribute.ReduceOp.SUM, value, axis=None)
+            for key, value in per_replica.items()}
 
   def _apply_on_every_replica(self, grads, learning_rate):
     """The optimizer update, applied to each replica's copy of every parameter."""
@@ -270,7 +276,7 @@ class Trainer:
     return host, metrics
 
   def test_cycle(self):
-    """Runs `num_test_steps` test steps; returns the summed metrics."""
+    """Runs `num_test_steps` test steps; returns the metrics summed over them."""
     totals = {}
     for _ in range(self.num_test_steps):
       _, batch = self._next_batch(self.test_iterator)
@@ -338,7 +344,7 @@ class Trainer:
     return test_metrics
 
   def _test_and_log(self, writer, step):
-    metrics = model_lib.summarize(self.test_cycle())
+    metrics = model_lib.summarize(self.test_cycle(), self.num_test_steps)
     writer.scalars("test", metrics, step)
     logging.info("test at step %d: %s", step, summaries.format_metrics(metrics))
     return metrics
