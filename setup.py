@@ -34,6 +34,7 @@ setuptools.setup(
             "meliad-train=meliad_tools.train:run",
             "meliad-data=meliad_tools.data:run",
             "meliad-vocab=meliad_tools.vocab:run",
+            "meliad-bench=meliad_tools.bench:run",
         ],
     },
 )
