@@ -15,7 +15,9 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 main: $(STAMP)
-	$(VENV)/bin/meliad-data --source=python_stdlib --batch_size=4 --sequence_length=512 --num_batches=3
+	$(VENV)/bin/meliad-train --gin_file=base_htrans.gin --gin_file=size/tiny_test.gin \
+	  --gin_file=tasks/python_stdlib_bytes.gin --gin_file=main_job.gin \
+	  --workdir=$(WORKDIR) --alsologtostderr
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
