@@ -24,3 +24,6 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m '' tests
+
+bench: $(STAMP)
+	$(VENV)/bin/meliad-bench all

@@ -35,6 +35,7 @@ setuptools.setup(
             "meliad-data=meliad_tools.data:run",
             "meliad-vocab=meliad_tools.vocab:run",
             "meliad-bench=meliad_tools.bench:run",
+            "meliad-plot=meliad_tools.plot:run",
         ],
     },
 )

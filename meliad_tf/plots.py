@@ -1,0 +1,57 @@
+"""Reading TensorBoard scalars back from a workdir and plotting training curves."""
+
+import glob
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
+import tensorflow as tf
+
+
+def read_scalars(workdir):
+  """{tag: [(step, value), ...]} from every event file directly under `workdir`.
+
+  Raises:
+    FileNotFoundError: if the workdir holds no event files.
+  """
+  files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+  if not files:
+    raise FileNotFoundError(f"no TensorBoard event files in {workdir}")
+  scalars = {}
+  for path in files:
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name != "scalars":
+          continue
+        scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  # A resumed run may rewrite steps; the last value written for a step wins.
+  return {tag: sorted(points.items()) for tag, points in scalars.items()}
+
+
+def plot_curves(runs, tags, output, title=None):
+  """One panel per tag, one line per run.
+
+  Args:
+    runs: {label: workdir}.
+    tags: scalar tags, e.g. ["train/bits_per_token", "test/bits_per_token"].
+    output: PNG path.
+  """
+  figure, axes = pyplot.subplots(1, len(tags), figsize=(5 * len(tags), 3.6), squeeze=False)
+  for label, workdir in runs.items():
+    scalars = read_scalars(workdir)
+    for axis, tag in zip(axes[0], tags):
+      if tag in scalars:
+        steps, values = zip(*scalars[tag])
+        axis.plot(steps, values, marker=".", label=label)
+  for axis, tag in zip(axes[0], tags):
+    axis.set_title(tag)
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    axis.legend()
+  if title:
+    figure.suptitle(title)
+  figure.tight_layout()
+  figure.savefig(output, dpi=100)
+  pyplot.close(figure)

@@ -1,0 +1,45 @@
+"""Curves read back from TensorBoard event files, and plotted."""
+
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from meliad_tf import plots
+from meliad_tf import summaries
+
+
+def write_run(workdir, values):
+  writer = summaries.SummaryWriter(str(workdir))
+  for step, value in values:
+    writer.scalars("train", {"bits_per_token": value}, step)
+  writer.text("train", "input", "text is not a scalar", 0)
+  writer.flush()
+
+
+def test_read_scalars_returns_what_the_trainer_wrote(tmp_path):
+  write_run(tmp_path, [(0, 5.0), (10, 4.0), (20, 3.5)])
+  assert plots.read_scalars(str(tmp_path)) == {
+      "train/bits_per_token": [(0, 5.0), (10, 4.0), (20, 3.5)]}
+
+
+def test_rewritten_steps_keep_the_last_value(tmp_path):
+  write_run(tmp_path, [(0, 5.0), (10, 4.0)])
+  write_run(tmp_path, [(10, 3.0)])
+  assert plots.read_scalars(str(tmp_path))["train/bits_per_token"] == [(0, 5.0), (10, 3.0)]
+
+
+def test_missing_event_files_are_reported(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    plots.read_scalars(str(tmp_path))
+
+
+def test_meliad_plot_writes_a_png(tmp_path):
+  write_run(tmp_path / "a", [(0, 5.0), (10, 4.0)])
+  write_run(tmp_path / "b", [(0, 6.0), (10, 3.0)])
+  output = tmp_path / "curves.png"
+  subprocess.run([sys.executable, "-m", "meliad_tools.plot", f"--run=a:{tmp_path / 'a'}",
+                  f"--run=b:{tmp_path / 'b'}", "--tags=train/bits_per_token",
+                  f"--output={output}"], check=True, capture_output=True)
+  assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,39 @@
+"""meliad-plot: training curves of one or more workdirs as a PNG.
+
+  meliad-plot --run=baseline:runs/xl --run=memory:runs/mem \
+    --tags=test/bits_per_token,train/bits_per_token --output=curves.png
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from meliad_tf import plots
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR (repeatable); a bare WORKDIR is its own label.")
+flags.DEFINE_list("tags", ["train/bits_per_token", "test/bits_per_token"], "Scalar tags to plot.")
+flags.DEFINE_string("output", "curves.png", "PNG file to write.")
+flags.DEFINE_string("title", None, "Figure title.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.run:
+    raise app.UsageError("give at least one --run=LABEL:WORKDIR")
+  runs = {}
+  for spec in FLAGS.run:
+    label, _, workdir = spec.rpartition(":")
+    runs[label or workdir] = workdir
+  plots.plot_curves(runs, FLAGS.tags, FLAGS.output, FLAGS.title)
+  print(FLAGS.output)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
