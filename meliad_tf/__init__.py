@@ -5,6 +5,7 @@ Importing the package registers every gin configurable under Meliad's names.
 
 from meliad_tf import decoder
 from meliad_tf import layer
+from meliad_tf import memory
 from meliad_tf import mlp
 from meliad_tf import model
 from meliad_tf import norms

@@ -44,17 +44,44 @@ def model_flops_per_token(trainer):
   """Forward FLOPs per token: 2 per weight (embedding as the output layer) + attention.
 
   Attention counts the dense score and value products over the 2W keys each window
-  attends to (W without the XL cache), as computed, masked half included.
+  attends to (W without the XL cache), as computed, masked half included. A recurrent
+  cell runs once per window on its S states (see `_recurrent_cell_flops_per_token`), and
+  tokens that cross-attend to a state add 4 S H d.
   """
   decoder = trainer.model.decoder
+  cells = [layer.recurrent for layer in decoder.layers if layer.recurrent is not None]
+  cell_variables = {id(v) for cell in cells for v in cell.trainable_variables}
   weights = sum(int(np.prod(v.shape)) for v in trainer.params
-                if v is not decoder.embedding and len(v.shape) == 2)
+                if v is not decoder.embedding and len(v.shape) == 2
+                and id(v) not in cell_variables)
   output_layer = int(np.prod(decoder.embedding.shape))
   attention = 0
   for layer in decoder.layers:
     keys = 2 * layer.window_length if layer.use_long_xl_architecture else layer.window_length
     attention += 4 * layer.num_heads * layer.head_size * keys
+    if layer.recurrent is not None:
+      attention += _recurrent_cell_flops_per_token(layer, keys)
+    states = layer.recurrent.num_states if layer.recurrent is not None else (
+        cells[-1].num_states if layer.cross_attention else 0)
+    attention += 4 * layer.num_heads * layer.head_size * states
   return 2 * (weights + output_layer) + attention
+
+
+def _recurrent_cell_flops_per_token(layer, keys):
+  """The cell's work per window, over the W tokens of the window.
+
+  Its matrices act on S states (2 FLOPs per weight each; position embeddings and the
+  initial state are added, not multiplied); the states attend to themselves and to the
+  window's keys.
+  """
+  cell = layer.recurrent
+  matrices = sum(int(np.prod(v.shape)) for v in cell.trainable_variables
+                 if len(v.shape) == 2 and v is not cell.recurrent_initial_state
+                 and v is not cell.recurrent_tbase.position_embeddings)
+  states = cell.num_states
+  per_window = (2 * states * matrices
+                + 4 * layer.num_heads * layer.head_size * states * (states + keys))
+  return per_window / layer.window_length
 
 
 def configure(gin_files, gin_params=()):

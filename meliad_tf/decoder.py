@@ -12,6 +12,7 @@ from meliad_tf import norms
 from meliad_tf import positions
 
 _SEED_FINAL_DROPOUT = 1 << 20
+_SEED_CHUNK = 1 << 21
 
 
 def resolve_layer_indices(indices, num_layers, name):
@@ -36,35 +37,52 @@ class DecoderStack(tf.Module):
     embedding_stddev: initial standard deviation of the embedding table (no sqrt(E)
       scaling at lookup).
     layer_factory: builds each layer (gin: TransformerLayer).
-    dstack_window_length: run the whole stack window by window (block feedback); 0 = off.
+    dstack_window_length: D; run the whole stack on chunks of D tokens, one after another,
+      carrying every layer's state from chunk to chunk (for block feedback); 0 = one chunk.
     use_absolute_positions: add sinusoids restarting at 0 every segment.
     use_final_layernorm: RMS norm before the output.
     final_dropout_rate: tiled dropout before the output, in training.
     final_mlp_factory: must be None (Meliad's final MLP option is broken).
-    recurrent_layer_indices, feedback_recurrence, memory_factory, memory_layer_indices:
-      placement of the recurrent and memory layers.
+    recurrent_layer_indices, memory_factory, memory_layer_indices: placement of the
+      recurrent and memory layers (negative indices count from the top).
+    feedback_recurrence: with recurrent layers and chunks (dstack_window_length > 0), every
+      other layer cross-attends to the state entering each chunk of the last recurrent
+      layer (block feedback, spec §5.6). Meliad's default, True; recurrent/*.gin set False.
     dtype: compute dtype.
   """
 
   def __init__(self, task_config, num_layers=12, embedding_size=512, embedding_stddev=1.0,
                layer_factory=layer_lib.TransformerLayer, dstack_window_length=0,
                use_absolute_positions=False, use_final_layernorm=True, final_dropout_rate=0.0,
-               final_mlp_factory=None, recurrent_layer_indices=(), feedback_recurrence=False,
+               final_mlp_factory=None, recurrent_layer_indices=(), feedback_recurrence=True,
                memory_factory=None, memory_layer_indices=(), dtype="float32",
                name="decoder_stack"):
     super().__init__(name=name)
     if final_mlp_factory is not None:
       raise ValueError("DecoderStack.final_mlp_factory is not supported: Meliad's final MLP "
                        "option (options/final_mlp.gin) does not run in Meliad either")
-    if dstack_window_length:
-      raise NotImplementedError("DecoderStack.dstack_window_length (block feedback) needs "
-                                "recurrent layers, which are not available in this version")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+      raise ValueError(f"DecoderStack.num_layers (NUM_LAYERS) must be a positive integer, got "
+                       f"{num_layers!r}")
+    dropout_lib.check_rate("DecoderStack.final_dropout_rate (DROPOUT_RATE)", final_dropout_rate)
+    sequence_length = task_config.sequence_length
+    if dstack_window_length < 0:
+      raise ValueError(f"DecoderStack.dstack_window_length must be >= 0, got "
+                       f"{dstack_window_length}")
+    if 0 < dstack_window_length < sequence_length and sequence_length % dstack_window_length:
+      raise ValueError(
+          f"the segment length (TransformerTaskConfig.sequence_length = {sequence_length}) "
+          f"must be a multiple of DecoderStack.dstack_window_length = {dstack_window_length}")
+    # Meliad runs the stack on the whole segment when the chunk is 0 or not shorter.
+    self.chunk_length = (dstack_window_length if 0 < dstack_window_length < sequence_length
+                         else sequence_length)
     self.task_config = task_config
     self.num_layers = num_layers
     self.embedding_size = embedding_size
     self.vocab_size = task_config.vocab_size
     self.use_absolute_positions = use_absolute_positions
     self.final_dropout_rate = final_dropout_rate
+    self.dstack_window_length = dstack_window_length
     self.dtype = initializers.as_dtype(dtype)
     self.recurrent_layer_indices = resolve_layer_indices(recurrent_layer_indices, num_layers,
                                                          "recurrent_layer_indices")
@@ -72,6 +90,8 @@ class DecoderStack(tf.Module):
                                                       "memory_layer_indices")
     if self.memory_layer_indices and memory_factory is None:
       raise ValueError("DecoderStack.memory_layer_indices is set but memory_factory is None")
+    self.feedback = (feedback_recurrence and bool(self.recurrent_layer_indices)
+                     and dstack_window_length > 0)
     with self.name_scope:
       self.embedding = tf.Variable(
           initializers.normal([self.vocab_size, embedding_size], embedding_stddev),
@@ -82,14 +102,13 @@ class DecoderStack(tf.Module):
         memory = memory_factory() if i in self.memory_layer_indices else None
         self.layers.append(layer_factory(
             embedding_size=embedding_size, is_recurrent=is_recurrent, memory=memory,
-            cross_attention=(feedback_recurrence and bool(self.recurrent_layer_indices)
-                             and bool(dstack_window_length) and not is_recurrent),
+            cross_attention=self.feedback and not is_recurrent,
             dtype=dtype, name=f"layer_{i}"))
       self.final_layernorm = (norms.LayerNorm(embedding_size, dtype=dtype,
                                               name="final_layernorm")
                               if use_final_layernorm else None)
     for layer in self.layers:
-      layer.check_sequence_length(task_config.sequence_length)
+      layer.check_sequence_length(self.chunk_length)
 
   def state_spec(self, batch_size):
     """Per-stream state of every layer: {"layer_i": {...}} (layers without state omitted)."""
@@ -100,7 +119,8 @@ class DecoderStack(tf.Module):
         spec[f"layer_{i}"] = layer_spec
     return spec
 
-  def __call__(self, tokens, start_of_sequence, state, *, training=False, seed=None):
+  def __call__(self, tokens, start_of_sequence, state, *, training=False, seed=None,
+               diagnostics=None):
     """Logits of the next token for every position.
 
     Args:
@@ -109,6 +129,8 @@ class DecoderStack(tf.Module):
       state: nested dict as `state_spec`.
       training: enables dropout.
       seed: [2] int seed for this step's dropout (required when training with dropout).
+      diagnostics: optional dict; receives each layer's diagnostic scalars as
+        "layer_<i>/<name>" (averaged over chunks).
     Returns:
       (logits float32 [B, N, V], new state).
     """
@@ -116,14 +138,27 @@ class DecoderStack(tf.Module):
     if self.use_absolute_positions:
       x += tf.cast(positions.absolute_position_encoding(tokens.shape[1], self.embedding_size),
                    self.dtype)
-    new_state = {}
-    for i, layer in enumerate(self.layers):
-      key = f"layer_{i}"
-      layer_seed = dropout_lib.fold_in(seed, i) if seed is not None else None
-      x, layer_state = layer(x, start_of_sequence, state.get(key, {}), training=training,
-                             seed=layer_seed)
-      if layer_state:
-        new_state[key] = layer_state
+    # Truncated backpropagation through time: no gradient into the previous segment, but
+    # gradients do cross the chunks of this one.
+    state = tf.nest.map_structure(tf.stop_gradient, state)
+    num_chunks = self._num_chunks(tokens.shape[1])
+    per_layer = [{} for _ in self.layers] if diagnostics is not None else None
+    outputs = []
+    for chunk, x_chunk in enumerate(tf.split(x, num_chunks, axis=1)):
+      chunk_seed = seed
+      if chunk and seed is not None:
+        chunk_seed = dropout_lib.fold_in(seed, _SEED_CHUNK + chunk)
+      x_chunk, state = self._run_layers(x_chunk, start_of_sequence, state, training,
+                                        chunk_seed, per_layer)
+      # Only the first chunk starts a document; later ones continue from the carried state.
+      start_of_sequence = tf.zeros_like(start_of_sequence)
+      outputs.append(x_chunk)
+    x = tf.concat(outputs, axis=1) if num_chunks > 1 else outputs[0]
+    new_state = state
+    if diagnostics is not None:
+      for i, layer_diagnostics in enumerate(per_layer):
+        for name, values in layer_diagnostics.items():
+          diagnostics[f"layer_{i}/{name}"] = tf.reduce_mean(tf.stack(values))
     if self.final_layernorm is not None:
       x = self.final_layernorm(x)
     if training and self.final_dropout_rate > 0.0:
@@ -131,3 +166,37 @@ class DecoderStack(tf.Module):
                                     dropout_lib.fold_in(seed, _SEED_FINAL_DROPOUT))
     logits = tf.matmul(tf.cast(x, tf.float32), self.embedding, transpose_b=True)
     return logits / math.sqrt(self.vocab_size), new_state
+
+  def _num_chunks(self, length):
+    if not self.dstack_window_length or self.dstack_window_length >= length:
+      return 1
+    if length % self.dstack_window_length:
+      raise ValueError(f"{length} tokens cannot be cut into chunks of "
+                       f"DecoderStack.dstack_window_length = {self.dstack_window_length}")
+    return length // self.dstack_window_length
+
+  def _run_layers(self, x, start_of_sequence, state, training, seed, per_layer_diagnostics):
+    """Every layer on one chunk [B, D, E]; returns (output, every layer's new state).
+
+    Under block feedback, the non-recurrent layers cross-attend to the keys and values of
+    the last recurrent layer's state as it enters the chunk.
+    """
+    feedback_kv = None
+    if self.feedback:
+      index = self.recurrent_layer_indices[-1]
+      cell = self.layers[index].recurrent
+      feedback_kv = cell.kv(cell.load(start_of_sequence, state[f"layer_{index}"]["recurrent"]))
+    new_state = {}
+    for i, layer in enumerate(self.layers):
+      key = f"layer_{i}"
+      layer_seed = dropout_lib.fold_in(seed, i) if seed is not None else None
+      layer_diagnostics = {} if per_layer_diagnostics is not None else None
+      x, layer_state = layer(x, start_of_sequence, state.get(key, {}), training=training,
+                             seed=layer_seed,
+                             cross_attention_kv=feedback_kv if layer.cross_attention else None,
+                             diagnostics=layer_diagnostics)
+      if layer_state:
+        new_state[key] = layer_state
+      for name, value in (layer_diagnostics or {}).items():
+        per_layer_diagnostics[i].setdefault(name, []).append(value)
+    return x, new_state

@@ -5,6 +5,7 @@ query projections, the output projection and the FFN). `TransformerLayer` wires 
 the windowed attention, the per-stream XL cache, and the optional memory or recurrence.
 """
 
+from absl import logging
 import gin
 import tensorflow as tf
 
@@ -14,6 +15,7 @@ from meliad_tf import initializers
 from meliad_tf import mlp
 from meliad_tf import norms
 from meliad_tf import positions
+from meliad_tf import recurrence
 
 POSITION_TYPES = ("t5", "fourier", "rotary", None)
 ROTARY_WAVELENGTH = 10000
@@ -64,6 +66,15 @@ class TransformerBase(tf.Module):
                pre_attn_dropout=True, post_attn_dropout=False, pre_ffn_dropout=False,
                post_ffn_dropout=True, dtype="float32", name=None):
     super().__init__(name=name)
+    for arg, value in (("embedding_size (EMBED_DIM)", embedding_size),
+                       ("num_heads (NUM_HEADS)", num_heads), ("head_size (HEAD_DIM)", head_size)):
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"TransformerBase.{arg} must be a positive integer, got {value!r}")
+    dropout_lib.check_rate("TransformerBase.dropout_rate (DROPOUT_RATE)", dropout_rate)
+    if single_gate and skip_ffn:
+      raise ValueError("TransformerBase: single_gate and skip_ffn exclude each other (the "
+                       "single gate is the FFN's); set recurrent_single_gate or "
+                       "recurrent_skip_ffn, not both")
     self.embedding_size = embedding_size
     self.num_heads = num_heads
     self.head_size = head_size
@@ -159,7 +170,8 @@ class TransformerBase(tf.Module):
         queries2 *= query_scale
     return keys, values, queries, queries2
 
-  def post_attn_ffn(self, x, attn, cross_attn=None, *, training=False, seed=None):
+  def post_attn_ffn(self, x, attn, cross_attn=None, *, training=False, seed=None,
+                    gates=None):
     """Output projection with its gate, then the FFN with its gate.
 
     Args:
@@ -167,6 +179,8 @@ class TransformerBase(tf.Module):
       attn: self-attention output [B, N, H, d].
       cross_attn: optional cross-attention output [B, N, H', d], concatenated after the
         self-attention heads.
+      gates: optional list to which each learned gate appends its mean values, the
+        projection's gate first (see `mlp.MLP.__call__`).
     Returns:
       [B, N, E].
     """
@@ -174,10 +188,11 @@ class TransformerBase(tf.Module):
     shape = heads.shape.as_list()
     heads = tf.reshape(heads, shape[:-2] + [shape[-2] * shape[-1]])
     if self.single_gate:
-      return self.ffn(heads, x)
+      return self.ffn(heads, x, gates=gates)
     y = self.post_attn_mlp(heads, x,
                            dropout=self._dropout(self.post_attn_dropout, training, seed,
-                                                         _SEED_POST_ATTENTION))
+                                                         _SEED_POST_ATTENTION),
+                           gates=gates)
     if self.ffn is None:
       return y
     z = self.pre_ffn_layernorm(y)
@@ -185,7 +200,7 @@ class TransformerBase(tf.Module):
     if drop is not None:
       z = drop(z)
     return self.ffn(z, y, dropout=self._dropout(self.post_ffn_dropout, training, seed,
-                                                 _SEED_POST_FFN))
+                                                 _SEED_POST_FFN), gates=gates)
 
 
 @gin.configurable(module="transformer_layer")
@@ -195,6 +210,12 @@ class TransformerLayer(tf.Module):
   Per stream it carries the XL cache: the keys and values (normalised, unrotated) of
   the last window of the previous segment, zeros at a document start (attended to, not
   masked). Call signature is functional: `(x, start_of_sequence, state) -> (y, state)`.
+
+  A recurrent layer (`is_recurrent`) also carries a state of S vectors, updated once per
+  window by its `recurrence.RecurrentCell`; its tokens cross-attend to the state entering
+  their window (spec §5.3). A layer with `cross_attention` (block feedback) cross-attends
+  to keys and values the stack passes in, those of a recurrent layer's state (spec §5.6).
+  Either way the projection takes [self heads, cross heads], 2 H d wide.
 
   Args (Meliad's gin names):
     embedding_size: E (passed by the stack).
@@ -208,7 +229,9 @@ class TransformerLayer(tf.Module):
     attn_dropout_rate: dropout on attention probabilities (mask shared by batch and windows).
     recurrent_num_states, recurrent_gate_type, recurrent_single_gate, recurrent_skip_ffn:
       configuration of a recurrent layer.
-    memory_num_neighbors: K for a memory layer.
+    memory_num_neighbors: K, neighbours retrieved per query by a memory layer (gin sets it
+      for every layer; only those given a memory use it).
+    memory_reset_on_new_doc: empty a stream's memory when its document starts.
     compute_importance: must be False (vestigial in Meliad).
     is_recurrent, memory, cross_attention: set by the stack for special layers.
     dtype: compute dtype.
@@ -233,15 +256,16 @@ class TransformerLayer(tf.Module):
     if compute_importance:
       raise ValueError("TransformerLayer.compute_importance must be False "
                        "(it has no effect in Meliad and is not implemented)")
-    if is_recurrent:
-      raise NotImplementedError("recurrent layers (recurrent_layer_indices) are not "
-                                "available in this version")
-    if memory is not None or memory_num_neighbors:
-      raise NotImplementedError("memory layers (memory_layer_indices, "
-                                "memory_num_neighbors) are not available in this version")
-    if cross_attention:
-      raise NotImplementedError("feedback cross attention needs recurrent layers, which are "
-                                "not available in this version")
+    if isinstance(window_length, bool) or not isinstance(window_length, int) or window_length <= 0:
+      raise ValueError(f"TransformerLayer.window_length must be a positive integer, got "
+                       f"{window_length!r}")
+    dropout_lib.check_rate("TransformerLayer.attn_dropout_rate (ATTN_DROPOUT_RATE)",
+                           attn_dropout_rate)
+    if memory is not None:
+      memory.check_layer(num_heads, head_size, memory_num_neighbors)
+    if cross_attention and is_recurrent:
+      raise ValueError("a recurrent layer attends to its own state; cross_attention is for "
+                       "the other layers under block feedback")
     self.embedding_size = embedding_size
     self.num_heads = num_heads
     self.head_size = head_size
@@ -249,16 +273,38 @@ class TransformerLayer(tf.Module):
     self.use_long_xl_architecture = use_long_xl_architecture
     self.relative_position_type = relative_position_type
     self.attn_dropout_rate = attn_dropout_rate
+    self.cross_attention = cross_attention
+    self.memory = memory
+    self.memory_num_neighbors = memory_num_neighbors
+    self.memory_reset_on_new_doc = memory_reset_on_new_doc
     self.dtype = initializers.as_dtype(dtype)
+    # Tokens of a recurrent layer cross-attend to its state, those of a feedback layer to
+    # the stack's recurrent state: a second query and cross heads in the projection.
+    num_cross_heads = num_heads if is_recurrent or cross_attention else 0
     with self.name_scope:
-      self.tbase = TransformerBase(embedding_size, num_heads, head_size, dtype=dtype,
-                                   name="tbase")
+      self.tbase = TransformerBase(embedding_size, num_heads, head_size,
+                                   cross_attention_q=bool(num_cross_heads),
+                                   num_cross_heads=num_cross_heads, dtype=dtype, name="tbase")
+      if is_recurrent:
+        self.recurrent = recurrence.RecurrentCell(
+            TransformerBase(embedding_size, num_heads, head_size, cross_attention_q=True,
+                            num_cross_heads=num_heads,
+                            num_position_embeddings=recurrent_num_states,
+                            gate_type=recurrent_gate_type, single_gate=recurrent_single_gate,
+                            skip_ffn=recurrent_skip_ffn, dtype=dtype, name="recurrent_tbase"),
+            recurrent_num_states, name="recurrent")
+      else:
+        self.recurrent = None
       if relative_position_type == "t5":
         self.relative_positions = positions.T5RelativePositionBias(num_heads)
       elif relative_position_type == "fourier":
         self.relative_positions = positions.RelativeFourierPositions(num_heads, window_length)
       else:
         self.relative_positions = None
+      # The gate between local and memory attention, sigmoid(0) = 0.5 at the start.
+      self.external_memory_bias = (tf.Variable(tf.zeros([num_heads]),
+                                               name="external_memory_bias")
+                                   if memory is not None else None)
 
   def check_sequence_length(self, sequence_length):
     """Raises ValueError unless a segment of this length can be split into windows."""
@@ -273,13 +319,31 @@ class TransformerLayer(tf.Module):
           f"without the XL architecture (use_long_xl_architecture = False) the window "
           f"(TransformerLayer.window_length = {self.window_length}) must equal the segment "
           f"length ({sequence_length}); sliding windows need the XL cache")
+    if self.memory is not None:
+      self.memory.check_sequence_length(sequence_length)
+      if self.window_length < sequence_length:
+        logging.warning(
+            "%s has an external memory and a window (TransformerLayer.window_length = %d) "
+            "shorter than the segment (%d tokens). The memory is read once per segment and "
+            "holds previous segments only, so a token of a later window sees neither the "
+            "earlier windows of its own segment nor their memory entries. Meliad's recipes "
+            "use window = segment (e.g. options/seq_512.gin with window 512).",
+            self.name, self.window_length, sequence_length)
 
   def state_spec(self, batch_size):
-    """The per-stream state: the XL cache, or nothing without the XL architecture."""
-    if not self.use_long_xl_architecture:
-      return {}
-    shape = [batch_size, self.window_length, self.num_heads, self.head_size]
-    return {"keys": tf.TensorSpec(shape, self.dtype), "values": tf.TensorSpec(shape, self.dtype)}
+    """The per-stream state: the XL cache (none without the XL architecture), for a
+    recurrent layer the recurrent state "recurrent" [B, S, E], and for a memory layer
+    the memory "memory" (keys, values [B, H, N, d], index [B]; see memory.py)."""
+    spec = {}
+    if self.use_long_xl_architecture:
+      shape = [batch_size, self.window_length, self.num_heads, self.head_size]
+      spec.update(keys=tf.TensorSpec(shape, self.dtype), values=tf.TensorSpec(shape, self.dtype))
+    if self.recurrent is not None:
+      spec["recurrent"] = tf.TensorSpec(
+          [batch_size, self.recurrent.num_states, self.embedding_size], self.dtype)
+    if self.memory is not None:
+      spec["memory"] = self.memory.state_spec(batch_size)
+    return spec
 
   def _position_bias(self, num_queries, num_keys):
     if self.relative_positions is None:
@@ -292,28 +356,36 @@ class TransformerLayer(tf.Module):
     return dropout_lib.keep_mask([self.num_heads, num_queries, num_keys], self.attn_dropout_rate,
                                  dropout_lib.fold_in(seed, _SEED_ATTENTION), tf.float32)
 
-  def __call__(self, x, start_of_sequence, state, *, training=False, seed=None):
+  def __call__(self, x, start_of_sequence, state, *, training=False, seed=None,
+               cross_attention_kv=None, diagnostics=None):
     """Runs the layer on one segment.
 
     Args:
       x: [B, N, E] inputs.
-      start_of_sequence: bool [B]; where True the cache is replaced by zeros.
-      state: dict from `state_spec` (the cache left by the previous segment).
-      training: enables dropout.
+      start_of_sequence: bool [B]; where True the cache is replaced by zeros (and the
+        recurrent state by the learned initial state).
+      state: dict from `state_spec` (what the previous segment left). No gradient is
+        stopped here: the stack stops it once per step, so that block feedback, which calls
+        the layer once per chunk, keeps gradients across the chunks of a segment.
+      training: enables dropout (never in the recurrent cell).
       seed: [2] int seed for this layer's dropout in this step.
+      cross_attention_kv: for a `cross_attention` layer, the (keys, values) [B, S, H, d]
+        of the recurrent state to cross-attend to.
+      diagnostics: optional dict this layer fills with float32 scalars: for a recurrent
+        layer its gates' means (`recurrence.gate_diagnostics`), and for any layer that
+        cross-attends to a state "state_attention_share" (`recurrence.attention_share`),
+        for a memory layer "memory_gate" (the mean of its per-head gates).
     Returns:
       (y [B, N, E], new state).
     """
-    keys, values, queries, _ = self.tbase.kvq(x, training=training, seed=seed)
+    keys, values, queries, queries2 = self.tbase.kvq(x, training=training, seed=seed)
     rotary = ROTARY_WAVELENGTH if self.relative_position_type == "rotary" else None
     scale = self.tbase.attention_scale
     if self.use_long_xl_architecture:
       window = self.window_length
       reset = start_of_sequence[:, None, None, None]
-      previous_keys = tf.where(reset, tf.zeros_like(keys[:, :window]),
-                               tf.stop_gradient(state["keys"]))
-      previous_values = tf.where(reset, tf.zeros_like(values[:, :window]),
-                                 tf.stop_gradient(state["values"]))
+      previous_keys = tf.where(reset, tf.zeros_like(keys[:, :window]), state["keys"])
+      previous_values = tf.where(reset, tf.zeros_like(values[:, :window]), state["values"])
       attn = attention.sliding_window_attention(
           queries, keys, values, previous_keys, previous_values, window,
           bias=self._position_bias(window, 2 * window), scale=scale,
@@ -327,5 +399,109 @@ class TransformerLayer(tf.Module):
           dropout_multiplier=self._attention_dropout(length, length, training, seed),
           rotary_wavelength=rotary)
       new_state = {}
-    y = self.tbase.post_attn_ffn(x, attn, training=training, seed=seed)
+      previous_keys = previous_values = None
+    if self.memory is not None:
+      attn, new_state["memory"] = self._memory_attention(
+          attn, keys, values, queries, start_of_sequence, state["memory"], training,
+          diagnostics)
+    cross_attn = None
+    if self.recurrent is not None:
+      cross_attn, new_state["recurrent"] = self._recurrence(
+          start_of_sequence, state["recurrent"], keys, values, queries2, previous_keys,
+          previous_values, diagnostics)
+    elif self.cross_attention:
+      if cross_attention_kv is None:
+        raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
+                         "called without cross_attention_kv")
+      cross_attn = recurrence.attend_to_state(queries2, *cross_attention_kv,
+                                              scale=self.tbase.attention_scale2)
+    if diagnostics is not None and cross_attn is not None:
+      diagnostics["state_attention_share"] = recurrence.attention_share(
+          attn, cross_attn, self.tbase.post_attn_mlp.output_layer.kernel)
+    y = self.tbase.post_attn_ffn(x, attn, cross_attn, training=training, seed=seed)
     return y, new_state
+
+  def _memory_attention(self, attn, keys, values, queries, start_of_sequence, state,
+                        training, diagnostics):
+    """Mixes local attention with attention over the memory, then stores this segment.
+
+    In Meliad's order: reset the memory of streams whose document starts, retrieve the K
+    neighbours of every query from the memory as it was (so never from this segment),
+    then write this segment's keys and values.
+
+    Args:
+      attn: local attention output [B, N, H, d].
+      keys, values, queries: [B, N, H, d] (normalised, unrotated keys and queries).
+      start_of_sequence: bool [B].
+      state: this layer's memory state.
+      training: whether this is a training step (a host search keeps separate indices for
+        the training and the test state).
+      diagnostics: optional dict for the mean gate.
+    Returns:
+      ((1 - g) * attn + g * memory attention [B, N, H, d], the new memory state).
+    """
+    if self.memory_reset_on_new_doc:
+      state = self.memory.reset(state, start_of_sequence)
+    neighbors = None
+    if self.memory.searches_on_host:
+      neighbors = self.memory.host_search(state, queries, keys, self.memory_num_neighbors,
+                                          "train" if training else "test")
+    mixed = self.read_memory(attn, queries, state, neighbors, diagnostics)
+    return mixed, self.memory.write(state, keys, values)
+
+  def read_memory(self, attn, queries, state, neighbors=None, diagnostics=None):
+    """Mixes local attention with attention over each query's K neighbours in memory.
+
+    The memory is only read: on a segment the caller resets and writes around it; a
+    decoding step calls it with one query per stream and may then append the token with
+    `self.memory.write` (on-device backends).
+
+    Args:
+      attn: local attention output [B, n, H, d].
+      queries: [B, n, H, d] normalised, unrotated queries.
+      state: this layer's memory state.
+      neighbors: slots [B, H, n, K] found on the host, or None to search on device.
+      diagnostics: optional dict for the mean gate.
+    Returns:
+      (1 - g) * attn + g * memory attention, [B, n, H, d], with g = sigmoid(bias) per head.
+    """
+    scores = None
+    if neighbors is None:
+      neighbors, scores = self.memory.search(state, queries, self.memory_num_neighbors)
+    external = self.memory.attend(state, queries, neighbors, scores,
+                                  scale=self.tbase.attention_scale)
+    gate = tf.sigmoid(self.external_memory_bias)  # [H]
+    if diagnostics is not None:
+      diagnostics["memory_gate"] = tf.reduce_mean(gate)
+    gate = tf.cast(gate, attn.dtype)[:, None]
+    return (1.0 - gate) * attn + gate * tf.cast(external, attn.dtype)
+
+  def _recurrence(self, start_of_sequence, state, keys, values, queries2, previous_keys,
+                  previous_values, diagnostics):
+    """Runs the cell over the windows; returns (token->state attention, final state).
+
+    Args:
+      start_of_sequence: bool [B].
+      state: [B, S, E], the state the previous segment left.
+      keys, values, queries2: [B, N, H, d] of the tokens.
+      previous_keys, previous_values: [B, W, H, d], the XL cache as loaded (zeros at a
+        document start), or None without the XL architecture.
+      diagnostics: optional dict for the gate means.
+    Returns:
+      (cross attention [B, N, H, d], final state [B, S, E]).
+    """
+    if previous_keys is not None:
+      window = self.window_length
+      # The state attends to the 2W keys of each window: [B, nW, 2W, H, d].
+      window_keys = attention.window_keys(keys, previous_keys, window)
+      window_values = attention.window_keys(values, previous_values, window)
+    else:
+      window = keys.shape[1]
+      window_keys, window_values = keys[:, None], values[:, None]  # [B, 1, N, H, d]
+    state_keys, state_values, final_state = self.recurrent(
+        self.recurrent.load(start_of_sequence, state), window_keys, window_values,
+        diagnostics=diagnostics)
+    # Window t's tokens attend to c_t, the state entering it: [B, nW, W, H, d].
+    cross = recurrence.attend_to_state(attention.split_windows(queries2, window), state_keys,
+                                       state_values, scale=self.tbase.attention_scale2)
+    return attention.merge_windows(cross), final_state

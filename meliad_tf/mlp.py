@@ -103,30 +103,45 @@ class MLP(tf.Module):
                                 kernel_scale=0.1, bias_stddev=0.1, dtype=dtype,
                                 name="input_gate")
 
-  def __call__(self, x, state, dropout=None):
-    """Args: x [..., in]; state [..., out]; dropout: optional function applied to y.
+  def __call__(self, x, state, dropout=None, gates=None):
+    """Args: x [..., in]; state [..., out]; dropout: optional function applied to y;
+    gates: optional list to which a learned gate appends its mean values, as float32
+    scalars: {"keep": mean share of the state kept} and, for "lstm", {"input": mean
+    input gate} (the residual connection has no gate and appends nothing).
 
     Returns the gated output [..., out].
     """
-    h = x
-    if self.hidden is not None:
-      h = self.hidden_activation(self.hidden(x))
+    # Without hidden layers Meliad applies the hidden activation to the input itself.
+    h = self.hidden(x) if self.hidden is not None else x
+    if self.hidden_activation is not None:
+      h = self.hidden_activation(h)
     y = self.output_layer(h)
     if self.final_activation is not None:
       y = self.final_activation(y)
     if dropout is not None:
       y = dropout(y)
-    return self.apply_gate(state, y, h)
-
-  def apply_gate(self, state, y, h):
     if self.gate_type == "residual":
       return state + y
+    keep, write = self.gate_values(h, state.dtype)
+    if gates is not None:
+      means = {"keep": tf.reduce_mean(tf.cast(keep, tf.float32))}
+      if self.gate_type == "lstm":
+        means["input"] = tf.reduce_mean(tf.cast(write, tf.float32))
+      gates.append(means)
+    return state * keep + y * write
+
+  def gate_values(self, h, dtype):
+    """(keep, write): the gate's multipliers of the state and of the new value y.
+
+    bias: (g, 1 - g) with g = sigmoid(b) of shape [out]; full: the same with g computed
+    from h; lstm: (forget, input) computed from h, each [..., out].
+    """
     if self.gate_type == "bias":
-      g = tf.cast(tf.sigmoid(self.gate_bias), state.dtype)
-      return state * g + y * (1.0 - g)
+      g = tf.cast(tf.sigmoid(self.gate_bias), dtype)
+      return g, 1.0 - g
     if self.gate_type == "full":
       g = tf.sigmoid(self.gate(h) + 1.0)
-      return state * g + y * (1.0 - g)
-    forget = tf.sigmoid(self.forget_gate(h) + 1.0)
-    remember = tf.sigmoid(self.input_gate(h) - 1.0)
-    return state * forget + y * remember
+      return g, 1.0 - g
+    if self.gate_type == "lstm":
+      return tf.sigmoid(self.forget_gate(h) + 1.0), tf.sigmoid(self.input_gate(h) - 1.0)
+    raise ValueError(f"the {self.gate_type!r} connection has no gate values")

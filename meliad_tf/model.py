@@ -72,19 +72,23 @@ class DecoderOnlyLanguageModel(tf.Module):
     Returns:
       (loss, metrics, new_state): `loss` is the float32 SUM of the token losses (Meliad's
       objective); `metrics` holds sums: loss, token_count, correct, num_chars, and
-      optionally token_losses [B, L].
+      optionally token_losses [B, L] with token_predictions int32 [B, L] (the argmax of
+      the next-token distribution at every position, for export and generation tests);
+      plus the layers' per-step diagnostics (e.g. a recurrent layer's gate means) under
+      DIAGNOSTICS_PREFIX + "layer_<i>/<name>".
     """
     tokens = tf.math.floormod(tf.cast(batch["targets"], tf.int32), self.vocab_size)
     targets = shift_targets(tokens)
+    diagnostics = {}
     logits, new_state = self.decoder(tokens, batch["start_of_sequence"], state,
-                                     training=training, seed=seed)
+                                     training=training, seed=seed, diagnostics=diagnostics)
     mask = prediction_mask(tokens, targets, batch.get("loss_mask"))
     weights = tf.cast(mask, tf.float32)
     token_losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets,
                                                                   logits=logits) * weights
     loss = tf.reduce_sum(token_losses)
-    correct = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), targets),
-                      tf.float32) * weights
+    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    correct = tf.cast(tf.equal(predictions, targets), tf.float32) * weights
     metrics = {
         "loss": loss,
         "token_count": tf.reduce_sum(weights),
@@ -92,8 +96,11 @@ class DecoderOnlyLanguageModel(tf.Module):
     }
     if "num_chars" in batch:
       metrics["num_chars"] = tf.cast(tf.reduce_sum(batch["num_chars"]), tf.float32)
+    for name, value in diagnostics.items():
+      metrics[DIAGNOSTICS_PREFIX + name] = value
     if self.output_token_losses:
       metrics["token_losses"] = token_losses
+      metrics["token_predictions"] = predictions
     return loss, metrics, new_state
 
 

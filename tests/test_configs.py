@@ -1,7 +1,7 @@
 """The gin files: each composes with base_htrans.gin, builds, and does what its name says.
 
-Covered: the top-level files, size/ and options/. tasks/ and recurrent/ are written
-separately and are not walked here.
+Covered: the top-level files, size/, options/ and recurrent/. tasks/ is written
+separately and is not walked here.
 
 "Non-embedding parameters" (the sizes quoted for Meliad's size files) means every
 trainable parameter except the embedding table: 4·E·H·d (keys, values, queries, output
@@ -41,6 +41,9 @@ def gin_files(*folders):
 ALL_FILES = gin_files("size", "options")
 SIZE_FILES = [f for f in ALL_FILES if f.startswith("size/")]
 OPTION_FILES = [f for f in ALL_FILES if f.startswith("options/")]
+RECURRENT_FILES = [f for f in gin_files("recurrent") if f.startswith("recurrent/")]
+GATE_FILES = [f"recurrent/{gate}_{arrangement}.gin" for gate in ("bias", "lstm")
+              for arrangement in ("dual", "single", "skip")]
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +71,13 @@ def layers(model):
 
 
 def partners(option):
-  """Files an option needs before it to build: a window only fits a longer segment."""
-  return ["options/seq_2048.gin"] if option.startswith("options/window_") else []
+  """Files an option needs before it to build: a window only fits a longer segment, a
+  memory at layer -4 needs four layers."""
+  if option.startswith(("options/window_", "options/stack_window_")):
+    return ["options/seq_2048.gin"]
+  if option.startswith("options/external_memory_"):
+    return ["size/layer13.gin"]  # the memory sits at layer -4
+  return []
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,8 +109,10 @@ def expected_trainable_without_embedding():
   per_layer += {"t5": positions.T5_NUM_BUCKETS * heads, "fourier": 128 * heads,
                 "rotary": 0, None: 0}[layer["relative_position_type"]]
   final_norm = embed if stack["use_final_layernorm"] else 0
+  # Each memory layer's gate: one bias per head.
+  memory_gates = heads * len(stack["memory_layer_indices"]) if stack["memory_factory"] else 0
   return (non_embedding_parameters(num_layers, embed, heads, head_size, mlp)
-          + num_layers * per_layer + final_norm)
+          + num_layers * per_layer + final_norm + memory_gates)
 
 
 def trainable_without_embedding(model):
@@ -422,4 +432,152 @@ def test_every_option_file_has_a_behaviour_test():
   checked |= {f"options/seq_{n}.gin" for n in (512, 1024, 2048, 4096)}
   checked |= {f"options/seq_{n}_nocache.gin" for n in (512, 1024, 2048)}
   checked |= {f"options/window_{w}.gin" for w in (128, 256, 512, 1024, 2048)}
+  checked |= {"options/stack_window_512.gin"}
+  # The memory files are checked in test_memory.py.
+  checked |= {f"options/external_memory_{n}k.gin" for n in (8, 32, 64, 128)}
+  checked |= {f"options/memory_backend_{b}.gin"
+              for b in ("bucketed", "exact", "approx_max_k", "scann")}
   assert set(OPTION_FILES) == checked
+
+
+def test_stack_window_runs_the_stack_on_chunks_of_512():
+  parse(TINY, "options/seq_2048.gin", "options/stack_window_512.gin")
+  model = build_model()
+  assert model.decoder.dstack_window_length == 512
+  assert model.decoder.chunk_length == 512
+  assert not model.decoder.feedback  # no recurrent layer to feed back
+  assert all(l.window_length == 512 and not l.cross_attention for l in layers(model))
+
+
+# ---------------------------------------------------------------------------------------
+# recurrent/: the Block-Recurrent Transformer's files, in Meliad's order (size, options,
+# then a gate file, then the files "applied after the gate config")
+
+# The tiny model with room for layer -3, and segments that hold the gate files' W = 512.
+RECURRENT_TINY = (TINY, "options/seq_1024.gin")
+RECURRENT_TINY_PARAMS = ("NUM_LAYERS = 4",)
+
+
+def recurrent_parameters(gate_type, single_gate, skip_ffn):
+  """Trainable parameters a recurrent layer adds to an ordinary one (spec §1.4, §5.3).
+
+  The token side gains Wq2 (E x Hd), attention_scale2 (H) and Hd more projection rows. The
+  cell has its own norm (E), position embeddings and initial state (S x E each), Wk, Wv, Wq,
+  Wq2 (E x Hd each), two attention scales (H each), then its gated projection and FFN.
+  """
+  _, embed, heads, head_size, mlp = bound_dimensions()
+  states = gin.query_parameter("transformer_layer.TransformerLayer.recurrent_num_states")
+  width = heads * head_size
+
+  def gate(hidden):
+    return embed if gate_type == "bias" else 2 * (hidden * embed + embed)
+
+  token_side = embed * width + heads + width * embed
+  cell = embed + 2 * states * embed + 4 * embed * width + 2 * heads
+  if single_gate:
+    cell += 2 * width * mlp + mlp * embed + gate(mlp)
+  else:
+    cell += 2 * width * embed + gate(2 * width)
+    if not skip_ffn:
+      cell += embed + 2 * embed * mlp + gate(mlp)
+  return token_side + cell
+
+
+@pytest.mark.parametrize("recurrent_file", RECURRENT_FILES)
+def test_recurrent_file_parses_after_base_and_a_gate_file(recurrent_file):
+  parse("size/small_test.gin", "recurrent/bias_skip.gin", recurrent_file)
+
+
+@pytest.mark.parametrize("gate_file", GATE_FILES)
+def test_gate_file_builds_its_arrangement_at_layer_minus_3(gate_file):
+  gate_type, arrangement = gate_file[len("recurrent/"):-len(".gin")].split("_")
+  single_gate, skip_ffn = arrangement == "single", arrangement == "skip"
+  parse(*RECURRENT_TINY, gate_file, params=RECURRENT_TINY_PARAMS)
+  model = build_model()
+  recurrent = [i for i, l in enumerate(layers(model)) if l.recurrent is not None]
+  assert recurrent == [1]  # -3 of 4 layers
+  assert not model.decoder.feedback
+  cell = layers(model)[1].recurrent
+  assert cell.num_states == 512 and layers(model)[1].window_length == 512
+  tbase = cell.recurrent_tbase
+  assert tbase.single_gate == single_gate and tbase.skip_ffn == skip_ffn
+  gated = tbase.ffn if single_gate else tbase.post_attn_mlp
+  assert gated.gate_type == gate_type
+  assert (trainable_without_embedding(model) == expected_trainable_without_embedding()
+          + recurrent_parameters(gate_type, single_gate, skip_ffn))
+
+
+def test_recurrent_files_override_window_and_states_in_order():
+  def window_and_states():
+    bindings = gin.get_bindings("transformer_layer.TransformerLayer")
+    return bindings["window_length"], bindings["recurrent_num_states"]
+
+  parse("size/small_test.gin")
+  assert window_and_states() == (256, 384)
+  gin.clear_config()
+  parse("size/small_test.gin", "recurrent/bias_skip.gin")
+  assert window_and_states() == (512, 512)  # the gate file overrides the size file
+  gin.clear_config()
+  parse("size/small_test.gin", "recurrent/bias_skip.gin", "recurrent/states_128.gin",
+        "options/window_256.gin")
+  assert window_and_states() == (256, 128)  # and later files override it
+  gin.clear_config()
+  parse("size/small_test.gin", "recurrent/states_128.gin", "options/window_256.gin",
+        "recurrent/bias_skip.gin")
+  assert window_and_states() == (512, 512)  # before it, they are overridden
+
+
+@pytest.mark.parametrize("states", [128, 256, 512, 1024, 2048])
+def test_states_file_sets_the_number_of_states(states):
+  parse(*RECURRENT_TINY, "recurrent/lstm_skip.gin", f"recurrent/states_{states}.gin",
+        params=RECURRENT_TINY_PARAMS)
+  model = build_model()
+  assert layers(model)[1].recurrent.num_states == states
+  assert model.state_spec(1)["layer_1"]["recurrent"].shape == (1, states, 128)
+
+
+def test_block_feedback_file_runs_the_stack_window_by_window_with_feedback():
+  parse(*RECURRENT_TINY, "recurrent/bias_dual.gin", "options/window_256.gin",
+        "recurrent/block_feedback_512.gin", params=RECURRENT_TINY_PARAMS)
+  model = build_model()
+  assert model.decoder.feedback and model.decoder.chunk_length == 512
+  for i, l in enumerate(layers(model)):
+    assert l.window_length == 512  # block_feedback_512 resets W after window_256
+    assert l.cross_attention == (i != 1)
+  assert (trainable_without_embedding(model) == expected_trainable_without_embedding()
+          + recurrent_parameters("bias", False, False)
+          + 3 * (128 * 128 + 4 + 128 * 128))  # Wq2, scale2, projection rows of 3 layers
+
+
+def test_tall_24L_has_two_recurrent_layers():
+  parse(*RECURRENT_TINY, "recurrent/bias_skip.gin", "recurrent/tall_24L.gin")
+  model = build_model()
+  assert len(layers(model)) == 24
+  assert [i for i, l in enumerate(layers(model)) if l.recurrent is not None] == [9, 19]
+
+
+def test_recipe_block_recurrent_binds_its_configuration():
+  parse("size/medium_150M.gin", "options/positions_t5.gin", "options/seq_4096.gin",
+        "recurrent/bias_skip.gin")
+  layer = gin.get_bindings("transformer_layer.TransformerLayer")
+  stack = gin.get_bindings("decoder_stack.DecoderStack")
+  assert gin.get_bindings("decoder_stack.TransformerTaskConfig")["sequence_length"] == 4096
+  assert (layer["window_length"], layer["recurrent_num_states"]) == (512, 512)
+  assert (layer["recurrent_gate_type"], layer["recurrent_single_gate"],
+          layer["recurrent_skip_ffn"]) == ("bias", False, True)
+  assert stack["recurrent_layer_indices"] == (-3,) and not stack["feedback_recurrence"]
+
+
+def test_recipe_block_recurrent_small_test_builds():
+  parse("size/small_test.gin", "recurrent/bias_skip.gin", "options/window_256.gin")
+  model = build_model()
+  assert [i for i, l in enumerate(layers(model)) if l.recurrent is not None] == [3]
+  assert model.state_spec(2)["layer_3"]["recurrent"].shape == (2, 512, 512)
+  assert (trainable_without_embedding(model) == expected_trainable_without_embedding()
+          + recurrent_parameters("bias", False, True))
+
+
+def test_every_recurrent_file_has_a_behaviour_test():
+  checked = set(GATE_FILES) | {f"recurrent/states_{n}.gin" for n in (128, 256, 512, 1024, 2048)}
+  checked |= {"recurrent/block_feedback_512.gin", "recurrent/tall_24L.gin"}
+  assert set(RECURRENT_FILES) == checked
