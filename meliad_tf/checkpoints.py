@@ -1,41 +1,78 @@
-"""Checkpoints of a training run: what they hold, atomic writes, and compatibility checks.
+"""Checkpoints of a training run: what they hold, crash safety, and compatibility checks.
 
 A checkpoint holds the parameters, the optimizer (slots and step), both modes' per-stream
-state and both data iterators. TensorFlow writes each checkpoint under a temporary name
-and updates the `checkpoint` index last, so an interrupted save leaves the previous
-checkpoint usable. Next to the checkpoints, `model_signature.json` records the name and
-shape of every variable, so that a workdir written by another model is refused with a
-message saying what differs instead of a restore error.
-"""
+state and both data iterators. TensorFlow writes a checkpoint's files under a temporary
+directory, moves them to `ckpt-<step>.*`, and only then rewrites the `checkpoint` index
+(atomically, by a rename), so a crash at any moment leaves the index pointing at complete
+checkpoints. What a crash can leave next to them is garbage: a `ckpt-<n>_temp` directory, a
+`checkpoint.tmp<hex>` file, or `ckpt-<n>.*` files the index does not list; a restore removes
+those. A crash during the very first save can leave complete files and no index at all; a
+restore then takes the newest readable checkpoint files.
 
+A restore tries the indexed checkpoints newest first and falls back to an older one (with a
+warning) when the newest cannot be read; with `max_to_keep = 1` (Meliad's setting) there is
+no older one, and the error says so. Before restoring, the run is compared with
+`model_signature.json` (the name and shape of every variable) and `data_signature.json`
+(what the data iterators read), where present, and with the variables the checkpoint itself
+records, so that a workdir written by another model or for other data is refused with a
+message saying what differs.
+"""
+import collections
 import json
 import os
+import re
 import tempfile
 
 from absl import logging
 import tensorflow as tf
 
 CHECKPOINT_DIRECTORY = "checkpoints"
+CHECKPOINT_NAME = "ckpt"
 SIGNATURE_FILE = "model_signature.json"
+DATA_SIGNATURE_FILE = "data_signature.json"
+INDEX_FILE = "checkpoint"  # TensorFlow's name for the list of checkpoints in a directory
+
+_CHECKPOINT_FILE = re.compile(CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+)$")
+# What an interrupted write leaves: TensorFlow's directory of a checkpoint being written,
+# and its temporary copy of the index (renamed into place when complete).
+_TEMPORARY_FILE = re.compile(CHECKPOINT_NAME + r"-\d+_temp$|" + INDEX_FILE + r"\.tmp[0-9a-f]+$")
+_VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+# What TensorFlow raises for a checkpoint it cannot read: a missing or damaged file
+# (OpError: NotFound, DataLoss, ...) or a data file shorter than its index says (IndexError).
+_UNREADABLE = (tf.errors.OpError, IndexError)
 
 
 class IncompatibleCheckpointError(ValueError):
-  pass
+  """The checkpoint was written by another model, or reads other data."""
+
+
+class UnreadableCheckpointError(OSError):
+  """No checkpoint of a directory can be read."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, ...); the previous one is intact."""
 
 
 def write_atomically(path, text):
-  """Writes a file through a temporary file in the same directory and a rename."""
+  """Writes a file through a temporary file in the same directory and a rename.
+
+  Raises:
+    OSError: naming `path`; the previous file, if any, is left as it was.
+  """
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  temporary = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     with os.fdopen(descriptor, "w") as f:
       f.write(text)
     os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
+  except OSError as e:
+    raise OSError(e.errno, f"could not write {path}: {e.strerror}") from e
+  finally:
+    if temporary is not None and os.path.exists(temporary):
       os.remove(temporary)
-    raise
 
 
 def latest_checkpoint(workdir):
@@ -44,8 +81,68 @@ def latest_checkpoint(workdir):
   return tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIRECTORY))
 
 
+def checkpoint_step(path):
+  """The step number in a checkpoint path `.../ckpt-<step>`."""
+  return int(path.rsplit("-", 1)[1])
+
+
+def checkpoint_candidates(directory):
+  """The checkpoints a restore tries, newest first, and whether the index lists them.
+
+  Normally these are the checkpoints the index file lists. Without an index file, they are
+  the complete-looking checkpoints by step: a run killed during its first checkpoint write,
+  after the files were complete but before the index was written, leaves one, and so does
+  copying checkpoint files without their index.
+
+  Returns:
+    (paths, indexed).
+  Raises:
+    UnreadableCheckpointError: the index file exists but cannot be parsed.
+  """
+  if not tf.io.gfile.isdir(directory):
+    return [], False
+  state = tf.train.get_checkpoint_state(directory)
+  if state is not None and state.model_checkpoint_path:
+    newest = state.model_checkpoint_path
+    return [newest] + [p for p in reversed(state.all_model_checkpoint_paths) if p != newest], True
+  if tf.io.gfile.exists(os.path.join(directory, INDEX_FILE)):
+    raise UnreadableCheckpointError(
+        f"the checkpoint index {os.path.join(directory, INDEX_FILE)} is damaged. Rewrite it "
+        f"naming the checkpoint to continue from, e.g.\n"
+        f"  echo 'model_checkpoint_path: \"{CHECKPOINT_NAME}-1000\"' > "
+        f"{os.path.join(directory, INDEX_FILE)}\n"
+        f"or move {directory} aside to start afresh")
+  steps = sorted({int(m.group(1)) for m in map(_CHECKPOINT_FILE.match, _listdir(directory))
+                  if m and m.group(2) == "index"}, reverse=True)
+  return [os.path.join(directory, f"{CHECKPOINT_NAME}-{step}") for step in steps], False
+
+
+def _listdir(directory):
+  return [name.rstrip("/") for name in tf.io.gfile.listdir(directory)]
+
+
+def remove_unfinished_writes(directory, indexed=None):
+  """Removes what interrupted saves left: temporary directories, and, given the paths the
+  index lists, the checkpoint files it does not list."""
+  keep = {os.path.basename(p) for p in indexed or ()}
+  for name in _listdir(directory):
+    path = os.path.join(directory, name)
+    if _TEMPORARY_FILE.match(name):
+      logging.warning("removing %s, left by an interrupted checkpoint write", path)
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+      continue
+    match = _CHECKPOINT_FILE.match(name)
+    if indexed is not None and match and f"{CHECKPOINT_NAME}-{match.group(1)}" not in keep:
+      logging.warning("removing %s: the checkpoint index does not list it (an interrupted "
+                      "checkpoint write or deletion left it)", path)
+      tf.io.gfile.remove(path)
+
+
 def compare_signatures(saved, current, source):
-  """Raises IncompatibleCheckpointError naming the variables whose shapes differ."""
+  """Raises IncompatibleCheckpointError naming the entries whose values differ."""
   missing = sorted(set(saved) - set(current))
   extra = sorted(set(current) - set(saved))
   changed = sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
@@ -55,9 +152,65 @@ def compare_signatures(saved, current, source):
   lines += [f"  {k}: checkpoint {saved[k]}, this configuration {current[k]}" for k in changed[:10]]
   lines += [f"  {k}: in the checkpoint only" for k in missing[:10]]
   lines += [f"  {k}: in this configuration only" for k in extra[:10]]
+  hidden = sum(max(0, len(group) - 10) for group in (changed, missing, extra))
+  if hidden:
+    lines.append(f"  ... and {hidden} more")
   lines.append("use another --workdir, or the gin configuration that wrote it "
                f"({os.path.join(source, 'config.gin')})")
   raise IncompatibleCheckpointError("\n".join(lines))
+
+
+def _escape(name):
+  """A child's name as TensorFlow writes it in checkpoint keys."""
+  return name.replace(".", "..").replace("/", ".S")
+
+
+def variable_shapes(root):
+  """Checkpoint key (without the attribute suffix) -> shape of every variable under `root`.
+
+  The keys are the ones `tf.train.Checkpoint(root).write` would use: the shortest path of
+  attribute names from the root, as TensorFlow's object graph finds it.
+  """
+  view = tf.train.TrackableView(root)
+  shapes = {}
+  seen = {id(root)}
+  queue = collections.deque([(root, "")])
+  while queue:
+    parent, path = queue.popleft()
+    for name, child in view.children(parent).items():
+      if id(child) in seen:
+        continue
+      seen.add(id(child))
+      child_path = f"{path}/{_escape(name)}" if path else _escape(name)
+      if isinstance(child, tf.Variable):
+        shapes[child_path] = list(child.shape)
+      queue.append((child, child_path))
+  return shapes
+
+
+def saved_variable_shapes(path, parts):
+  """Checkpoint key -> shape of the variables a checkpoint holds under the given parts."""
+  return {key[:-len(_VARIABLE_SUFFIX)]: shape for key, shape in tf.train.list_variables(path)
+          if key.endswith(_VARIABLE_SUFFIX) and key.split("/", 1)[0] in parts}
+
+
+def _first_line(error):
+  message = getattr(error, "message", None) or str(error)
+  return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def _read_json(path):
+  """The JSON object in `path`, or None when it is missing or damaged (with a warning)."""
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      value = json.load(f)
+  except ValueError as e:
+    logging.warning("%s is not valid JSON (%s); checking the checkpoint's own variable list "
+                    "instead. The next checkpoint rewrites it.", path, e)
+    return None
+  return value if isinstance(value, dict) else None
 
 
 class CheckpointKeeper:
@@ -66,65 +219,181 @@ class CheckpointKeeper:
   Args:
     trainer: a built Trainer.
     workdir: where checkpoints go; "" disables saving.
-    max_to_keep: how many checkpoints to keep (Meliad keeps 1).
+    max_to_keep: how many checkpoints to keep (Meliad keeps 1); more lets a restore fall
+      back to an older one when the newest is unreadable.
   """
 
   def __init__(self, trainer, workdir, max_to_keep=1):
     self.trainer = trainer
     self.workdir = workdir
-    parts = dict(model=trainer.model, optimizer=trainer.optimizer,
-                 train_state=trainer.train_state.checkpointable,
-                 test_state=trainer.test_state.checkpointable)
-    parts["train_data"] = trainer.train_iterator
-    if trainer.test_iterator is not None:
-      parts["test_data"] = trainer.test_iterator
-    self.checkpoint = tf.train.Checkpoint(**parts)
-    self.manager = (tf.train.CheckpointManager(
-        self.checkpoint, os.path.join(workdir, CHECKPOINT_DIRECTORY), max_to_keep,
-        checkpoint_name="ckpt") if workdir else None)
+    self.directory = os.path.join(workdir, CHECKPOINT_DIRECTORY) if workdir else ""
+    self.checkpoint = tf.train.Checkpoint(**self._parts(data=True))
+    self.manager = (tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep,
+                                               checkpoint_name=CHECKPOINT_NAME)
+                    if workdir else None)
 
-  def _check_signature(self, directory):
-    path = os.path.join(directory, SIGNATURE_FILE)
-    if not tf.io.gfile.exists(path):
-      return
-    with tf.io.gfile.GFile(path) as f:
-      saved = json.load(f)
-    compare_signatures(saved, self.trainer.parameter_summary(), directory)
+  def _parts(self, data, states=True):
+    """The objects a checkpoint holds, by name (the top level of its keys)."""
+    trainer = self.trainer
+    parts = dict(model=trainer.model, optimizer=trainer.optimizer)
+    if states:
+      parts.update(train_state=trainer.train_state.checkpointable,
+                   test_state=trainer.test_state.checkpointable)
+    if data:
+      parts["train_data"] = trainer.train_iterator
+      if trainer.test_iterator is not None:
+        parts["test_data"] = trainer.test_iterator
+    return parts
 
   def restore(self, load_dir=""):
-    """Restores from the workdir's latest checkpoint, else from `load_dir`'s; True if any."""
-    latest = latest_checkpoint(self.workdir)
-    if latest:
-      self._check_signature(self.workdir)
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
-      logging.info("restored %s (step %d)", latest, self.trainer.step)
-    elif load_dir:
-      latest = latest_checkpoint(load_dir)
-      if not latest:
+    """Restores from the workdir's newest readable checkpoint, else from `load_dir`'s.
+
+    Returns:
+      True if a checkpoint was restored.
+    Raises:
+      IncompatibleCheckpointError: the checkpoint belongs to another model or other data.
+      UnreadableCheckpointError: no checkpoint the index lists can be read.
+      FileNotFoundError: `load_dir` holds no checkpoint.
+    """
+    restored = False
+    if self.directory:
+      paths, indexed = checkpoint_candidates(self.directory)
+      if tf.io.gfile.isdir(self.directory):
+        remove_unfinished_writes(self.directory, paths if indexed else None)
+      if paths:
+        self._check_signature_files(self.workdir, resume=True)
+        restored = self._restore_newest_readable(self.workdir, paths, resume=True,
+                                                 indexed=indexed)
+    if not restored and load_dir:
+      load_paths, indexed = checkpoint_candidates(os.path.join(load_dir, CHECKPOINT_DIRECTORY))
+      if not load_paths:
         raise FileNotFoundError(f"--load_dir={load_dir} holds no checkpoint under "
                                 f"{os.path.join(load_dir, CHECKPOINT_DIRECTORY)}")
-      self._check_signature(load_dir)
-      # A new run reads its own data from the start; only the model comes from load_dir.
-      parts = dict(model=self.trainer.model, optimizer=self.trainer.optimizer)
-      if self.trainer.restore_state_variables:
-        parts.update(train_state=self.trainer.train_state.checkpointable,
-                     test_state=self.trainer.test_state.checkpointable)
-      tf.train.Checkpoint(**parts).restore(latest).expect_partial()
-      logging.info("loaded %s (step %d)", latest, self.trainer.step)
-    else:
+      self._check_signature_files(load_dir, resume=False)
+      restored = self._restore_newest_readable(load_dir, load_paths, resume=False,
+                                               indexed=indexed)
+      if not restored:
+        raise UnreadableCheckpointError(f"--load_dir={load_dir}: none of its checkpoint files "
+                                        "can be read (see the warning above)")
+    if restored:
+      self.trainer.train_state.after_restore()
+      self.trainer.test_state.after_restore()
+    return restored
+
+  def _check_signature_files(self, workdir, resume):
+    """Compares the run with the signature files next to the checkpoints, where present.
+
+    A resume continues the data iterators, so the data settings must match too; a new run
+    from `load_dir` takes the parameters (and the per-stream state if
+    `restore_state_variables`) and reads its own data.
+    """
+    saved = _read_json(os.path.join(workdir, SIGNATURE_FILE))
+    if saved is not None:
+      current = self.trainer.parameter_summary()
+      if not (resume or self.trainer.restore_state_variables):
+        saved = {k: v for k, v in saved.items() if not k.startswith("state_")}
+        current = {k: v for k, v in current.items() if not k.startswith("state_")}
+      compare_signatures(saved, current, workdir)
+    saved_data = _read_json(os.path.join(workdir, DATA_SIGNATURE_FILE))
+    if resume and saved_data is not None:
+      try:
+        compare_signatures(saved_data, self.trainer.data_signature(), workdir)
+      except IncompatibleCheckpointError as e:
+        raise IncompatibleCheckpointError(
+            f"{e}\nthe checkpoint's data iterators read other data; to train this model on new "
+            f"data, start a new --workdir with --load_dir={workdir}") from None
+
+  def _restore_newest_readable(self, workdir, paths, resume, indexed):
+    """Restores the first readable checkpoint of `paths`; False if none is and `indexed`
+    is False (unlisted files may be an unfinished write)."""
+    failures = []
+    for path in paths:
+      try:
+        self._restore_one(workdir, path, resume)
+      except _UNREADABLE as e:
+        failures.append(f"  {path}: {_first_line(e)}")
+        continue
+      if failures:
+        logging.warning("could not read the newest checkpoint(s):\n%s\nrestored the older %s "
+                        "instead", "\n".join(failures), path)
+      if not indexed:
+        logging.warning("restored %s, which no checkpoint index lists (a run stopped before "
+                        "writing the index, or files copied without it)", path)
+      logging.info("%s %s (step %d)", "restored" if resume else "loaded", path,
+                   self.trainer.step)
+      return True
+    if not indexed:
+      logging.warning("no checkpoint index in %s, and its checkpoint files cannot be read "
+                      "(an interrupted first write):\n%s", os.path.dirname(paths[0]),
+                      "\n".join(failures))
       return False
-    self.trainer.train_state.after_restore()
-    self.trainer.test_state.after_restore()
-    return True
+    hint = ("with Trainer.max_checkpoints_to_keep = 1 (Meliad's setting) there is no older "
+            "checkpoint to fall back to; keep more with Trainer.max_checkpoints_to_keep = 2"
+            if len(paths) == 1 else "no listed checkpoint is readable")
+    raise UnreadableCheckpointError(
+        f"cannot read the checkpoint(s) in {os.path.join(workdir, CHECKPOINT_DIRECTORY)}:\n"
+        + "\n".join(failures) + f"\n{hint}. Restore the directory from a backup, or move it "
+        "aside to start afresh (the checkpoint files were left as they are)")
+
+  def _restore_one(self, workdir, path, resume):
+    """Checks one checkpoint's variables against the run, then restores it."""
+    saved_keys = {key.split("/", 1)[0] for key, _ in tf.train.list_variables(path)}
+    # A run that had no test cycles saved no test iterator: the test stream then starts
+    # from its beginning.
+    parts = self._parts(data=resume, states=resume or self.trainer.restore_state_variables)
+    if "test_data" in parts and "test_data" not in saved_keys:
+      logging.info("%s holds no test data iterator; the test stream starts afresh", path)
+      del parts["test_data"]
+    checkpoint = tf.train.Checkpoint(**parts)
+    compare_signatures(saved_variable_shapes(path, parts), variable_shapes(checkpoint),
+                       workdir)
+    status = checkpoint.restore(path)
+    if resume:
+      status.assert_existing_objects_matched()
+    else:
+      status.expect_partial()
 
   def save(self):
-    """Writes a checkpoint numbered by the optimizer step (the next step to run)."""
+    """Writes a checkpoint numbered by the optimizer step (the next step to run).
+
+    Returns:
+      The checkpoint path; None without a workdir. A checkpoint of this step that already
+      exists is kept as it is.
+    Raises:
+      CheckpointWriteError: the write failed; its partial files are removed and the
+        previous checkpoint is left as it was.
+    """
     if self.manager is None:
       return None
+    step = self.trainer.step
+    latest = self.manager.latest_checkpoint
+    if latest and checkpoint_step(latest) == step:
+      return latest
     self.trainer.train_state.before_save()
     self.trainer.test_state.before_save()
-    write_atomically(os.path.join(self.workdir, SIGNATURE_FILE),
-                     json.dumps(self.trainer.parameter_summary(), indent=1, sort_keys=True))
-    path = self.manager.save(checkpoint_number=self.trainer.step)
+    try:
+      write_atomically(os.path.join(self.workdir, SIGNATURE_FILE),
+                       json.dumps(self.trainer.parameter_summary(), indent=1, sort_keys=True))
+      write_atomically(os.path.join(self.workdir, DATA_SIGNATURE_FILE),
+                       json.dumps(self.trainer.data_signature(), indent=1, sort_keys=True))
+      path = self.manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+      self._remove_partial_write(step)
+      raise CheckpointWriteError(
+          f"could not write the checkpoint of step {step} in {self.directory}: "
+          f"{_first_line(e)}. The previous checkpoint ({latest or 'none'}) is intact; make "
+          f"room and run the same command again to continue from it") from e
     logging.info("saved %s", path)
     return path
+
+  def _remove_partial_write(self, step):
+    name = f"{CHECKPOINT_NAME}-{step}"
+    for entry in _listdir(self.directory):
+      path = os.path.join(self.directory, entry)
+      try:
+        if entry == f"{name}_temp":
+          tf.io.gfile.rmtree(path)
+        elif entry.startswith(name + "."):
+          tf.io.gfile.remove(path)
+      except tf.errors.OpError as e:
+        logging.warning("could not remove %s: %s", path, _first_line(e))

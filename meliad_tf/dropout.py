@@ -50,6 +50,12 @@ def uniform(shape, seed):
   return tf.reshape(values, shape)
 
 
+def check_rate(name, rate):
+  """Raises ValueError unless `rate` (the gin parameter `name`) is a number in [0, 1)."""
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+
+
 def keep_mask(shape, rate, seed, dtype):
   """Multiplier of 0 or 1/(1-rate) of the given shape."""
   keep_prob = 1.0 - rate

@@ -1,7 +1,9 @@
 """Parsing gin files the way Meliad's launcher does, with our configs on the search path."""
 
+import contextlib
 import logging
 import os
+import tokenize
 
 import gin
 
@@ -25,7 +27,23 @@ def parse(gin_files, gin_params=(), search_paths=()):
   previous = logging.root.manager.disable
   logging.disable(logging.ERROR)
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), list(gin_params),
-                                        finalize_config=False)
+    # One source at a time, so that a syntax error names its file or binding.
+    for gin_file in gin_files:
+      with _naming_syntax_errors(f"gin file {gin_file}"):
+        gin.parse_config_file(gin_file)
+    for binding in gin_params:
+      with _naming_syntax_errors(f"--gin_param {binding!r}"):
+        gin.parse_config(binding)
   finally:
     logging.disable(previous)
+
+
+@contextlib.contextmanager
+def _naming_syntax_errors(source):
+  """Turns gin's syntax errors (which name a line but not the source) into ValueErrors."""
+  try:
+    yield
+  except (SyntaxError, tokenize.TokenError) as e:
+    detail = e.msg if isinstance(e, SyntaxError) else e.args[0]
+    line = e.lineno if isinstance(e, SyntaxError) else e.args[1][0]
+    raise ValueError(f"gin syntax error in {source}, line {line}: {detail}") from e

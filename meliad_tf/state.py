@@ -69,7 +69,12 @@ class StreamState:
     """Gathers every replica's streams into the checkpointed host variables."""
     if self.num_replicas == 1:
       return
-    tf.nest.map_structure(lambda saved, live: saved.assign(self.strategy.gather(live, axis=0)),
+    if distribution.local_replica_count(self.strategy) == self.num_replicas:
+      # Every replica is on this host: concatenate their copies, no collective needed.
+      gather = lambda live: tf.concat(self.strategy.experimental_local_results(live), axis=0)
+    else:
+      gather = lambda live: self.strategy.gather(live, axis=0)
+    tf.nest.map_structure(lambda saved, live: saved.assign(gather(live)),
                           self.checkpointable.variables_by_name, self.live)
 
   def after_restore(self):

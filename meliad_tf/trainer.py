@@ -4,11 +4,17 @@ The loop follows Meliad's `Trainer.train`: a train step per iteration; every
 `test_every_steps`, `num_test_steps` test steps on the test stream with its own
 persistent state; a checkpoint every `checkpoint_every_steps` and at the end. A
 checkpoint holds the parameters, the optimizer slots and step, both modes' per-stream
-state and both data iterators, so a restarted run continues exactly where it stopped.
+state and both data iterators, so a run killed at any moment and started again with the
+same command continues from its last checkpoint with the losses of a run never interrupted.
+SIGTERM (a preemption notice) and SIGINT stop the loop at the next step boundary, after a
+checkpoint. A non-finite loss stops the run before anything more is saved, or with
+`skip_nonfinite_steps` leaves that step without effect.
 """
 
-import math
+import json
 import os
+import signal
+import threading
 
 from absl import logging
 import gin
@@ -33,8 +39,42 @@ def should_run(step, every):
   return step > 0 and every > 0 and step % every == 0
 
 
+# A metric of every training step: 1.0 when its loss and gradients are all finite.
+ALL_FINITE = "all_finite"
+# Per-step training losses, JSON lines in the workdir (Trainer.record_step_losses).
+STEP_LOSSES_FILE = "step_losses.jsonl"
+
+
+def _all_finite(loss, grads):
+  """A bool scalar: the loss and every gradient are finite."""
+  checks = [tf.reduce_all(tf.math.is_finite(loss))]
+  checks += [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+  return tf.reduce_all(tf.stack(checks))
+
+
 class NonFiniteLossError(RuntimeError):
-  pass
+  """A training step's loss or gradients were not finite (Trainer.skip_nonfinite_steps off)."""
+
+
+class DataError(ValueError):
+  """The input pipeline failed on the data (an unreadable file, a byte it cannot encode)."""
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM or SIGINT stopped the run at a step boundary, after a checkpoint.
+
+  Attributes:
+    signal_number: the signal received (meliad-train exits with 128 + it).
+  """
+
+  def __init__(self, message, signal_number):
+    super().__init__(message)
+    self.signal_number = signal_number
+
+
+# What bad input (configuration, data, workdir, disk) raises from Trainer.build and
+# Trainer.train; meliad-train prints their message without a traceback.
+USER_ERRORS = (ValueError, OSError, NonFiniteLossError)
 
 
 @gin.configurable(module="training_loop")
@@ -66,7 +106,15 @@ class Trainer:
     trace_debug_mode: run the steps eagerly, without tf.function, for debugging.
     print_variables: log every parameter's name and shape at start.
     jit_compile: compile the steps with XLA.
-    max_checkpoints_to_keep: Meliad keeps 1.
+    max_checkpoints_to_keep: Meliad keeps 1; with more, a restore falls back to an older
+      checkpoint when the newest cannot be read.
+    skip_nonfinite_steps: a step whose loss or gradients are not finite leaves the
+      parameters, optimizer slots and per-stream state as they were (the step count and
+      the data move on) and is counted in `train/skipped_steps`; off, such a step stops
+      the run with NonFiniteLossError before anything is saved.
+    record_step_losses: append every step's training loss to `<workdir>/step_losses.jsonl`
+      as `{"step": s, "loss": x}` (null and `"skipped": true` for a skipped step); a
+      restarted run appends, so the steps it repeats appear again.
   """
 
   def __init__(self, model_definition=model_lib.DecoderOnlyLanguageModel, num_steps=250_000,
@@ -79,8 +127,19 @@ class Trainer:
                warmup_steps=1000, learning_rate_multiplier=1.0,
                rng_key_names=("dropout", "sample"), random_seed=42, replicate_mode=True,
                trace_debug_mode=False, print_variables=False, jit_compile=True,
-               max_checkpoints_to_keep=1):
+               max_checkpoints_to_keep=1, skip_nonfinite_steps=False, record_step_losses=False):
     del rng_key_names, replicate_mode  # Dropout seeds are derived from (random_seed, step).
+    for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps),
+                        ("status_every_steps", status_every_steps),
+                        ("log_every_steps", log_every_steps),
+                        ("test_every_steps", test_every_steps),
+                        ("checkpoint_every_steps", checkpoint_every_steps),
+                        ("print_input_every_steps", print_input_every_steps),
+                        ("parameter_metrics_every_steps", parameter_metrics_every_steps),
+                        ("random_seed", random_seed),
+                        ("max_checkpoints_to_keep", max_checkpoints_to_keep)):
+      if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Trainer.{name} must be an integer, got {value!r}")
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps)):
       if value < 0:
         raise ValueError(f"Trainer.{name} must be >= 0, got {value}")
@@ -121,6 +180,8 @@ class Trainer:
     self.print_variables = print_variables
     self.jit_compile = jit_compile and not trace_debug_mode
     self.max_checkpoints_to_keep = max_checkpoints_to_keep
+    self.skip_nonfinite_steps = skip_nonfinite_steps
+    self.record_step_losses = record_step_losses
 
   # ---------------------------------------------------------------------------------------
   # Building
@@ -134,6 +195,11 @@ class Trainer:
       self.optimizer = self.optimizer_config.create()
       self.params = list(self.model.trainable_variables)
       self.optimizer.build(self.params)
+    if self.jit_compile and any(layer.memory is not None and layer.memory.searches_on_host
+                                for layer in self.model.decoder.layers):
+      raise ValueError("the scann memory backend searches on the host, which XLA cannot "
+                       "compile: set Trainer.jit_compile = False (as "
+                       "options/memory_backend_scann.gin does)")
     self.task_config = self.model.task_config
     self.batch_size = self.task_config.batch_size
     self.sequence_length = self.task_config.sequence_length
@@ -176,7 +242,7 @@ class Trainer:
     return tf.stack([tf.constant(self.random_seed, tf.int64), tf.cast(step, tf.int64)])
 
   def _forward_backward(self, batch, seed):
-    """One replica's gradients; stores its streams' new training state.
+    """One replica's gradients, metrics and its streams' new training state.
 
     Every replica gets the same dropout seed: Meliad's masks are shared by all streams,
     so with the same seed several replicas compute what one device would.
@@ -188,8 +254,15 @@ class Trainer:
     grads = tape.gradient(loss, self.params)
     grads = [tf.zeros_like(p) if g is None else tf.convert_to_tensor(g)
              for g, p in zip(grads, self.params)]
+    return grads, metrics, new_state
+
+  def _store_train_state(self, new_state, all_finite):
+    """Keeps the streams' new state; a skipped non-finite step keeps the old one (replica
+    context)."""
+    if self.skip_nonfinite_steps:
+      new_state = tf.nest.map_structure(lambda new, old: tf.where(all_finite, new, old),
+                                        new_state, self.train_state.read())
     self.train_state.assign(new_state)
-    return grads, metrics
 
   def _evaluate(self, batch):
     _, metrics, new_state = self.model(batch, self.test_state.read(), training=False)
@@ -202,10 +275,16 @@ class Trainer:
     if self.strategy.num_replicas_in_sync == 1:
       def train_step(batch):
         learning_rate = self.learning_rate(self.optimizer.iterations)
-        grads, metrics = self._forward_backward(
+        grads, metrics, new_state = self._forward_backward(
             batch, self._dropout_seed(self.optimizer.iterations))
-        self.optimizer.apply_gradients(grads, self.params, learning_rate)
-        return dict(metrics, learning_rate=learning_rate)
+        finite = _all_finite(metrics["loss"], grads)
+        self._store_train_state(new_state, finite)
+        if self.skip_nonfinite_steps:
+          self._apply_on_every_replica(grads, learning_rate, finite)
+        else:
+          self.optimizer.apply_gradients(grads, self.params, learning_rate)
+        return dict(metrics, learning_rate=learning_rate,
+                    **{ALL_FINITE: tf.cast(finite, tf.float32)})
 
       self._train_step = compile_fn(train_step)
       self._test_step = compile_fn(self._evaluate)
@@ -220,12 +299,18 @@ class Trainer:
       seed = self._dropout_seed(self.optimizer.iterations)
       # A Python function around the compiled one: handed a tf.function directly,
       # MirroredStrategy traces it once and every replica then reads replica 0's state.
-      grads, metrics = self.strategy.run(lambda b, s: forward_backward(b, s), (batch, seed))
+      grads, metrics, new_state = self.strategy.run(lambda b, s: forward_backward(b, s),
+                                                    (batch, seed))
       # Each replica's loss is the sum over its streams; gradients are averaged (pmean).
       grads = self.strategy.reduce(mean, grads, axis=None)
       metrics = self._reduce_metrics(metrics)
-      self._apply_on_every_replica(grads, learning_rate)
-      return dict(metrics, learning_rate=learning_rate)
+      # One decision for all replicas, so that a skipped step leaves every stream as it was.
+      finite = _all_finite(metrics["loss"], grads)
+      self.strategy.run(lambda s, f: self._store_train_state(s, f), (new_state, finite))
+      self._apply_on_every_replica(grads, learning_rate,
+                                   finite if self.skip_nonfinite_steps else None)
+      return dict(metrics, learning_rate=learning_rate,
+                  **{ALL_FINITE: tf.cast(finite, tf.float32)})
 
     def distributed_test_step(batch):
       return self._reduce_metrics(self.strategy.run(lambda b: evaluate(b), (batch,)))
@@ -241,18 +326,26 @@ class Trainer:
         else tf.distribute.ReduceOp.SUM, value, axis=None)
             for key, value in per_replica.items()}
 
-  def _apply_on_every_replica(self, grads, learning_rate):
-    """The optimizer update, applied to each replica's copy of every parameter."""
+  def _apply_on_every_replica(self, grads, learning_rate, all_finite=None):
+    """The optimizer update, applied to each replica's copy of every parameter.
+
+    With `all_finite` (a bool scalar) given, a step where it is False leaves the parameters
+    and slots as they were; the step count moves on either way.
+    """
     step = self.optimizer.iterations.read_value()
     for param, grad in zip(self.params, grads):
       slots = self.optimizer.slots_for(param)
       names = sorted(slots)
 
       def update(param_copy, grad, *slot_copies, names=names):
-        new_param, new_slots = self.optimizer.update(
-            param_copy.read_value(), grad,
-            {name: slot.read_value() for name, slot in zip(names, slot_copies)},
-            step, learning_rate)
+        old_slots = {name: slot.read_value() for name, slot in zip(names, slot_copies)}
+        old_param = param_copy.read_value()
+        new_param, new_slots = self.optimizer.update(old_param, grad, old_slots, step,
+                                                     learning_rate)
+        if all_finite is not None:
+          new_param = tf.where(all_finite, new_param, old_param)
+          new_slots = {name: tf.where(all_finite, new_slots[name], old_slots[name])
+                       for name in names}
         param_copy.assign(new_param)
         for name, slot in zip(names, slot_copies):
           slot.assign(new_slots[name])
@@ -262,7 +355,13 @@ class Trainer:
     self.optimizer.iterations.assign_add(1)
 
   def _next_batch(self, iterator):
-    host = next(iterator)
+    try:
+      host = next(iterator)
+    except tf.errors.OpError as e:
+      split = (self.task_config.train_split if iterator is self.train_iterator
+               else self.task_config.test_split)
+      raise DataError(f"reading split {split!r} of task {self.task_config.dataset_name!r} "
+                      f"failed: {_without_graph_context(e.message)}") from e
     inputs = {key: host[key] for key in MODEL_INPUTS if key in host}
     return host, distribution.split_streams(self.strategy, inputs, self.batch_size)
 
@@ -294,41 +393,79 @@ class Trainer:
   def train(self, workdir, load_dir=""):
     """Trains to `num_steps`; returns the metrics of the last test cycle (or None).
 
+    SIGTERM (a preemption notice) or SIGINT stops the run at the next step boundary: it
+    saves a checkpoint there and raises TrainingInterrupted; a second signal acts at once.
+    Signals are caught only when `train` runs in the main thread.
+
     Args:
       workdir: checkpoints, TensorBoard summaries and config.gin ("" for none).
       load_dir: a workdir to start from when `workdir` has no checkpoint yet.
+    Raises:
+      NonFiniteLossError: a step's loss or gradients were not finite and
+        `skip_nonfinite_steps` is off; nothing is saved after the last good step.
+      TrainingInterrupted: after SIGTERM or SIGINT, once the checkpoint is written.
+      DataError: the input pipeline failed on the data.
+      checkpoints.IncompatibleCheckpointError, checkpoints.UnreadableCheckpointError: the
+        workdir (or load_dir) holds a checkpoint this run cannot continue from.
+      checkpoints.CheckpointWriteError: a checkpoint could not be written; the previous
+        one is intact.
     """
+    if workdir and tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+      raise ValueError(f"the workdir {workdir} is a file, not a directory")
     self.checkpoints = checkpoints.CheckpointKeeper(self, workdir, self.max_checkpoints_to_keep)
-    if self.restore_checkpoints:
-      self.checkpoints.restore(load_dir)
-    if workdir:
-      checkpoints.write_atomically(os.path.join(workdir, "config.gin"),
-                                   gin.operative_config_str())
+    with _StopRequests() as stop_requests:
+      if self.restore_checkpoints:
+        self.checkpoints.restore(load_dir)
+      if workdir:
+        checkpoints.write_atomically(os.path.join(workdir, "config.gin"),
+                                     gin.operative_config_str())
+      losses_path = (os.path.join(workdir, STEP_LOSSES_FILE)
+                     if workdir and self.record_step_losses else "")
+      with _StepLossLog(losses_path) as step_losses:
+        return self._train_loop(workdir, stop_requests, step_losses)
+
+  def _train_loop(self, workdir, stop_requests, step_losses):
     writer = summaries.SummaryWriter(workdir, self.use_separate_metric_directories)
     self._log_start(workdir)
     tokens_per_step = self.global_batch_size * self.sequence_length
     progress = summaries.Progress(self.step, self.num_steps, tokens_per_step)
     accumulated = summaries.Accumulator()
     test_metrics, last_test_step = None, None
+    skipped_steps = 0
     while self.step < self.num_steps:
+      if stop_requests.signal_number is not None:
+        self._stop(stop_requests.signal_number, writer)
       step = self.step
       host, metrics = self.train_step()
-      if not math.isfinite(float(metrics["loss"])):
+      finite = bool(metrics.pop(ALL_FINITE))
+      step_losses.write(step, metrics["loss"] if finite else None,
+                        skipped=not finite and self.skip_nonfinite_steps)
+      if finite:
+        accumulated.add(metrics)
+      elif self.skip_nonfinite_steps:
+        skipped_steps += 1
+        logging.warning("step %d skipped: the training loss (%s) or a gradient is not finite",
+                        step, metrics["loss"])
+      else:
         raise NonFiniteLossError(
-            f"training loss is {metrics['loss']} at step {step}; stopping. The last good "
-            f"checkpoint in {workdir or '(no workdir)'} is kept")
-      accumulated.add(metrics)
+            f"the training loss ({metrics['loss']}) or a gradient is not finite at step "
+            f"{step}; stopping. {self._last_checkpoint_note()} To skip such steps instead, set "
+            "Trainer.skip_nonfinite_steps = True")
       progress.update(step + 1)
-      if should_run(step, self.status_every_steps) or step + 1 == self.num_steps:
-        logging.info("%s", progress.line(accumulated.latest_summary()))
+      is_last = step + 1 == self.num_steps
+      if should_run(step, self.status_every_steps) or is_last:
+        logging.info("%s", progress.line(accumulated.latest_summary() if accumulated.last
+                                         else {}))
       if should_run(step, self.print_input_every_steps):
         writer.text("train", "input", self._decode_first_stream(host), step)
       if should_run(step, self.test_every_steps) and self.test_iterator is not None:
         test_metrics, last_test_step = self._test_and_log(writer, step), step
-      is_last = step + 1 == self.num_steps
       if should_run(step, self.log_every_steps) or is_last:
-        train_metrics = accumulated.flush()
+        train_metrics = accumulated.flush() if accumulated.steps else {}
         train_metrics["tokens_per_second"] = progress.tokens_per_second()
+        if self.skip_nonfinite_steps:
+          train_metrics["skipped_steps"] = skipped_steps
+          skipped_steps = 0
         writer.scalars("train", train_metrics, step)
       if should_run(step, self.parameter_metrics_every_steps):
         writer.parameter_statistics(self.model, step)
@@ -342,6 +479,22 @@ class Trainer:
       test_metrics = self._test_and_log(writer, final_step)
     writer.flush()
     return test_metrics
+
+  def _last_checkpoint_note(self):
+    latest = self.checkpoints.manager and self.checkpoints.manager.latest_checkpoint
+    if latest:
+      return f"The last good checkpoint, {latest}, is kept."
+    return "No checkpoint was written."
+
+  def _stop(self, signal_number, writer):
+    """Saves a checkpoint at this step boundary and raises TrainingInterrupted."""
+    path = self.checkpoints.save() if self.save_checkpoints else None
+    writer.flush()
+    outcome = (f"checkpoint {path} holds it; run the same command to continue" if path else
+               "nothing was saved (no workdir, or Trainer.save_checkpoints = False)")
+    raise TrainingInterrupted(
+        f"stopped by {signal.Signals(signal_number).name} before step {self.step}: {outcome}",
+        signal_number)
 
   def _test_and_log(self, writer, step):
     metrics = model_lib.summarize(self.test_cycle(), self.num_test_steps)
@@ -366,6 +519,13 @@ class Trainer:
     if workdir:
       logging.info("TensorBoard: tensorboard --logdir=%s", workdir)
 
+  def data_signature(self):
+    """What the checkpointed data iterators read; a resume must read the same."""
+    config = self.task_config
+    return {"dataset_name": config.dataset_name, "train_split": config.train_split,
+            "test_split": config.test_split, "sequence_length": self.sequence_length,
+            "global_batch_size": self.global_batch_size, "random_seed": self.random_seed}
+
   def parameter_summary(self):
     """Name -> shape of every checkpointed variable, for compatibility checks."""
     shapes = {v.name: list(v.shape) for v in self.params}
@@ -373,6 +533,84 @@ class Trainer:
       for path, variable in _flatten_with_paths(mode.checkpointable.variables_by_name):
         shapes[f"state_{mode.name}/{path}"] = list(variable.shape)
     return shapes
+
+
+def _without_graph_context(message):
+  """A TensorFlow error message without the graph node lines it appends."""
+  lines = [line for line in message.splitlines() if not line.strip().startswith("[[")]
+  return " ".join(line.strip() for line in lines if line.strip())
+
+
+class _StopRequests:
+  """While active (in the main thread), SIGTERM and SIGINT ask the loop to stop.
+
+  The first signal is recorded and the previous handlers come back, so that a second one
+  acts at once (SIGTERM ends the process, SIGINT raises KeyboardInterrupt).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_number = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def _handle(self, signal_number, frame):
+    del frame
+    self.signal_number = signal_number
+    self._restore_handlers()
+    logging.warning("received %s: stopping at the next step boundary, after a checkpoint "
+                    "(send it again to stop at once)", signal.Signals(signal_number).name)
+
+  def _restore_handlers(self):
+    for signal_number, handler in self._previous.items():
+      # None: a handler not installed from Python; the default is the closest stand-in.
+      signal.signal(signal_number, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def __exit__(self, *exc_info):
+    self._restore_handlers()
+
+
+class _StepLossLog:
+  """Appends `{"step": s, "loss": x}` per training step to a JSON-lines file.
+
+  Each line is flushed as it is written, so a killed run leaves at most a partial last
+  line, which is cut off when the file is opened again. With no path, nothing is written.
+  """
+
+  def __init__(self, path):
+    self.path = path
+    self._file = None
+
+  def __enter__(self):
+    if self.path:
+      self._file = open(self.path, "ab+")
+      end = self._file.seek(0, os.SEEK_END)
+      if end:
+        self._file.seek(end - 1)
+        if self._file.read(1) != b"\n":
+          self._file.seek(0)
+          self._file.truncate(self._file.read().rfind(b"\n") + 1)
+    return self
+
+  def write(self, step, loss, skipped=False):
+    """Records one step; `loss` None for a non-finite one."""
+    if self._file is None:
+      return
+    record = {"step": step, "loss": None if loss is None else float(loss)}
+    if skipped:
+      record["skipped"] = True
+    self._file.write((json.dumps(record) + "\n").encode())
+    self._file.flush()
+
+  def __exit__(self, *exc_info):
+    if self._file is not None:
+      self._file.close()
 
 
 def _flatten_with_paths(nested, prefix=""):

@@ -46,7 +46,7 @@ class _FileDocuments(sources.IndexedSource):
     by_split: Dict[str, List] = {split: [] for split in sources.SPLIT_NAMES}
     skipped = []
     for doc_name, files in sorted(documents):
-      if sum(tf.io.gfile.stat(path).length for _, path in files) == 0:
+      if sum(_file_size(name, path) for _, path in files) == 0:
         skipped.append(doc_name)
         continue
       by_split[sources.hash_split(doc_name)].append((doc_name, files))
@@ -87,6 +87,13 @@ class _FileDocuments(sources.IndexedSource):
       contents = tf.stack([file_headers, contents], axis=1)  # [files, 2]
     return {"text": tf.strings.reduce_join(contents),
             "document_id": tf.gather(tf.constant(names, tf.string), index)}
+
+
+def _file_size(source_name: str, path: str) -> int:
+  try:
+    return tf.io.gfile.stat(path).length
+  except tf.errors.OpError as e:  # a dangling link, a file removed while listing, ...
+    raise ValueError(f"Source {source_name!r} cannot read {path}: {e.message}") from e
 
 
 def _static_prefix(pattern: str) -> str:

@@ -1,8 +1,15 @@
 """meliad-train: train a model from gin files, as Meliad's launcher does.
 
   meliad-train --gin_file=base_htrans.gin --gin_file=size/small_test.gin --workdir=DIR
+
+Running the same command again continues a stopped or killed run from its last checkpoint.
+Exit status: 0 when training is done; 1 with a message and no traceback for bad input (gin,
+flags, data, workdir, a full disk) or a non-finite loss (`--verbosity=1` logs the
+traceback too); 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when a signal
+stopped the run at a step boundary after saving a checkpoint.
 """
 
+import os
 import sys
 
 from absl import app
@@ -30,15 +37,30 @@ flags.DEFINE_enum("strategy", "default", list(distribution.STRATEGIES),
                   "hosts (multi_worker, from TF_CONFIG) or a TPU.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _train():
+  for path in FLAGS.gin_search_paths:
+    if not os.path.isdir(path):
+      raise ValueError(f"--gin_search_paths: {path} is not a directory")
   gin_setup.parse(FLAGS.gin_file, FLAGS.gin_param, FLAGS.gin_search_paths)
   if FLAGS.default_data_dir:
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
   strategy = distribution.make_strategy(FLAGS.strategy, FLAGS.tpu)
   trainer = trainer_lib.Trainer().build(strategy)
-  test_metrics = trainer.train(FLAGS.workdir, FLAGS.load_dir)
+  return trainer, trainer.train(FLAGS.workdir, FLAGS.load_dir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    trainer, test_metrics = _train()
+  except trainer_lib.TrainingInterrupted as e:
+    logging.warning("%s", e)
+    print(f"meliad-train: {e}", file=sys.stderr)
+    sys.exit(128 + e.signal_number)
+  except trainer_lib.USER_ERRORS as e:
+    logging.debug("traceback of the error below", exc_info=True)
+    sys.exit(f"meliad-train: error: {e}")
   if test_metrics:
     summary = (f"test after step {trainer.step}: "
                f"{test_metrics.get('bits_per_char', float('nan')):.4f} bits per byte, "
