@@ -36,6 +36,9 @@ setuptools.setup(
             "meliad-vocab=meliad_tools.vocab:run",
             "meliad-bench=meliad_tools.bench:run",
             "meliad-plot=meliad_tools.plot:run",
+            "meliad-export=meliad_tools.export:run",
+            "meliad-eval=meliad_tools.eval:run",
+            "meliad-generate=meliad_tools.generate:run",
         ],
     },
 )

@@ -1,0 +1,301 @@
+"""Incremental decoding (spec §7.9): decode steps reproduce the forward pass, greedy
+generation is the argmax of `score` on the fed-back text, sampling, and bad arguments."""
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+
+import pipelines
+import tiny_run
+from meliad_tf import export
+from meliad_tf import generation
+from meliad_tf import layer as layer_lib
+from meliad_tf import model as model_lib
+from meliad_tools import generate as generate_tool
+
+L = tiny_run.SEQUENCE_LENGTH
+V = tiny_run.VOCAB_SIZE
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  yield
+  gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def saved_model():
+  return tiny_run.shared_export()
+
+
+def random_model(*params):
+  """An untrained tiny model (segments of 16, windows of 8) with extra gin bindings."""
+  tiny_run.configure("TransformerTaskConfig.sequence_length = 16",
+                     "TransformerLayer.window_length = 8", *params)
+  tf.random.set_seed(3)
+  model = model_lib.DecoderOnlyLanguageModel(output_token_losses=True)
+  gin.clear_config()
+  return model
+
+
+POSITIONS = {
+    "t5": [],
+    "fourier": ["TransformerLayer.relative_position_type = 'fourier'"],
+    "rotary": ["TransformerLayer.relative_position_type = 'rotary'"],
+    "absolute": ["TransformerLayer.relative_position_type = None",
+                 "DecoderStack.use_absolute_positions = True"],
+}
+
+
+@pytest.mark.parametrize("position_type", sorted(POSITIONS))
+def test_decode_steps_give_the_forward_pass_logits(position_type):
+  model = random_model(*POSITIONS[position_type])
+  batch, length, num_segments = 2, 16, 3
+  tokens = tf.random.stateless_uniform([batch, num_segments * length], [4, 5], 1, V, tf.int32)
+  state = model.initial_state(batch)
+  forward = []
+  for s in range(num_segments):
+    logits, state = model.decoder(tokens[:, s * length:(s + 1) * length],
+                                  tf.fill([batch], s == 0), state)
+    forward.append(logits)
+  forward = tf.concat(forward, axis=1).numpy()
+
+  decoder = generation.IncrementalDecoder(model)
+  decode_state = decoder.init_state(model.initial_state(batch), tf.fill([batch], True))
+  step = tf.function(decoder.step)
+  for t in range(num_segments * length):
+    logits, decode_state = step(tokens[:, t], tf.fill([batch], t), decode_state)
+    np.testing.assert_allclose(logits.numpy(), forward[:, t], rtol=1e-4, atol=1e-5,
+                               err_msg=f"position {t}")
+
+
+def test_decode_buffer_is_seeded_from_the_xl_cache():
+  model = random_model()
+  tokens = tf.random.stateless_uniform([2, 32], [6, 7], 1, V, tf.int32)
+  _, state = model.decoder(tokens[:, :16], tf.fill([2], True), model.initial_state(2))
+  forward, _ = model.decoder(tokens[:, 16:], tf.fill([2], False), state)
+  decoder = generation.IncrementalDecoder(model)
+  decode_state = decoder.init_state(state, tf.constant([False, False]))
+  for t in range(16):
+    logits, decode_state = decoder.step(tokens[:, 16 + t], tf.fill([2], 16 + t), decode_state)
+    np.testing.assert_allclose(logits.numpy(), forward[:, t].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def greedy(module, prompts, max_length):
+  lengths = [len(p) for p in prompts]
+  prompt = np.zeros([len(prompts), max(lengths)], np.int32)
+  for b, p in enumerate(prompts):
+    prompt[b, :len(p)] = p
+  return module.generate(tf.constant(prompt), tf.constant(lengths), tf.constant(max_length),
+                         tf.constant(0.0), tf.constant(0), tf.constant([0, 0], tf.int64)
+                         )["tokens"].numpy()
+
+
+def test_greedy_generation_is_the_argmax_of_score_on_the_fed_back_text(saved_model):
+  loaded = tf.saved_model.load(saved_model)
+  text = pipelines.RawByteVocabulary().encode(
+      "Document 0 of test. Remember these facts.\nkey 4ab = value 9z.\nkey")
+  # One prompt longer than a segment (a forward pass, then 13 tokens fed one at a time),
+  # one shorter.
+  prompts = [text[:45], text[:7]]
+  max_length = 40
+  generated = greedy(loaded, prompts, max_length)
+  assert generated.shape == (2, max_length)
+  assert np.all((generated > 0) & (generated < V))
+
+  fed_back = [np.concatenate([p, g]) for p, g in zip(prompts, generated)]
+  num_segments = -(-max(len(f) for f in fed_back) // L)
+  segments = np.zeros([2, num_segments * L], np.int32)
+  for b, f in enumerate(fed_back):
+    segments[b, :len(f)] = f
+  loaded.reset_all()
+  predictions = np.concatenate([
+      loaded.score(tf.constant(segments[:, s * L:(s + 1) * L]), tf.fill([2], s == 0)
+                   )["predictions"].numpy() for s in range(num_segments)], axis=1)
+  for b, prompt in enumerate(prompts):
+    # The token generated after position t is the argmax of the prediction at t.
+    positions = np.arange(len(prompt) - 1, len(prompt) - 1 + max_length)
+    np.testing.assert_array_equal(generated[b], predictions[b, positions])
+
+
+def test_in_process_generation_equals_the_saved_model(saved_model):
+  handle = export.open_model(workdir=tiny_run.shared_run(), batch_size=2)
+  prompts = [[70, 71, 72] * 12, [80, 81]]
+  np.testing.assert_array_equal(greedy(handle.module, prompts, 8),
+                                greedy(tf.saved_model.load(saved_model), prompts, 8))
+
+
+def test_xla_generation_equals_graph_generation():
+  model = export.open_model(workdir=tiny_run.shared_run()).module.model
+  vocabulary = pipelines.RawByteVocabulary()
+  prompt = tf.constant([[70, 71, 72] * 12, [80, 81] + [0] * 34])
+  arguments = (prompt, tf.constant([36, 2]), tf.constant(10))
+  for temperature, top_k in ((0.0, 0), (1.0, 5)):
+    sampling = (tf.constant(temperature), tf.constant(top_k), tf.constant([4, 2], tf.int64))
+    graph = export.ScoringModule(model, 2, vocabulary).generate(*arguments, *sampling)
+    xla = export.ScoringModule(model, 2, vocabulary, jit_compile=True).generate(*arguments,
+                                                                               *sampling)
+    np.testing.assert_array_equal(xla["tokens"].numpy(), graph["tokens"].numpy())
+
+
+def test_sampling_with_a_seed_is_repeatable(saved_model):
+  loaded = tf.saved_model.load(saved_model)
+
+  def sample(seed, top_k=0):
+    return loaded.generate(tf.constant([[70, 71], [72, 73]]), tf.constant([2, 2]),
+                           tf.constant(24), tf.constant(1.0), tf.constant(top_k),
+                           tf.constant([seed, 0], tf.int64))["tokens"].numpy()
+
+  np.testing.assert_array_equal(sample(1), sample(1))
+  assert not np.array_equal(sample(1), sample(2))
+  np.testing.assert_array_equal(sample(5, top_k=1), greedy(loaded, [[70, 71], [72, 73]], 24))
+
+
+def test_greedy_sampling_is_the_argmax_and_top_1_too():
+  logits = tf.random.stateless_normal([8, 50], [1, 2])
+  argmax = np.argmax(logits.numpy(), axis=-1)
+  seed = tf.constant([3, 4], tf.int64)
+  greedy_draw = generation.sample_next(logits, tf.constant(0.0), tf.constant(0), seed)
+  np.testing.assert_array_equal(greedy_draw.numpy(), argmax)
+  top_1 = generation.sample_next(logits, tf.constant(2.0), tf.constant(1), seed)
+  np.testing.assert_array_equal(top_1.numpy(), argmax)
+
+
+def test_samples_follow_the_tempered_distribution_and_stay_in_the_top_k():
+  row = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], np.float32)
+  draws = 20000
+  logits = tf.constant(np.tile(row, [draws, 1]))
+  temperature = 0.7
+  sampled = generation.sample_next(logits, tf.constant(temperature), tf.constant(0),
+                                   tf.constant([9, 9], tf.int64)).numpy()
+  expected = np.exp(row / temperature) / np.exp(row / temperature).sum()
+  frequencies = np.bincount(sampled, minlength=len(row)) / draws
+  np.testing.assert_allclose(frequencies, expected, atol=0.015)
+
+  top_3 = generation.sample_next(logits, tf.constant(1.0), tf.constant(3),
+                                 tf.constant([9, 10], tf.int64)).numpy()
+  assert set(np.unique(top_3)) == {0, 1, 2}
+  kept = np.exp(row[:3]) / np.exp(row[:3]).sum()
+  np.testing.assert_allclose(np.bincount(top_3, minlength=3) / draws, kept, atol=0.015)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(max_length=0), "max_length must be >= 1"),
+    (dict(lengths=[0, 2]), r"every prompt needs at least one token"),
+    (dict(lengths=[3, 2]), "lengths must not exceed"),
+    (dict(prompt=[[1, 256], [3, 4]]), r"prompt token ids must be in \[0, 256\)"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=257), r"top_k must be <= the vocabulary \(256\)"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+])
+def test_generate_rejects_bad_arguments(saved_model, arguments, message):
+  loaded = tf.saved_model.load(saved_model)
+  values = dict(prompt=[[1, 2], [3, 4]], lengths=[2, 2], max_length=3, temperature=1.0, top_k=0)
+  values.update(arguments)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+    loaded.generate(tf.constant(values["prompt"]), tf.constant(values["lengths"]),
+                    tf.constant(values["max_length"]), tf.constant(values["temperature"]),
+                    tf.constant(values["top_k"]), tf.constant([0, 0], tf.int64))
+
+
+def test_a_model_without_the_xl_cache_exports_without_generate(tmp_path):
+  model = random_model("TransformerLayer.use_long_xl_architecture = False",
+                       "TransformerLayer.window_length = 16")
+  with pytest.raises(generation.GenerationNotSupportedError, match="needs the XL cache"):
+    generation.IncrementalDecoder(model)
+  module = export.ScoringModule(model, 1, pipelines.RawByteVocabulary())
+  assert not hasattr(module, "generate")
+  export.export(module, str(tmp_path / "model"), vocabulary=pipelines.RawByteVocabulary(),
+                config_text="", task_name="synthetic", step=0)
+  meta = export.read_metadata(str(tmp_path / "model"))
+  assert not meta["supports_generate"]
+  assert "needs the XL cache" in meta["generate_unsupported_reason"]
+  with flagsaver.flagsaver(saved_model=str(tmp_path / "model"), workdir="", load_dir="",
+                           prompt="abc", prompt_file=None, prompt_source=None, max_length=4,
+                           sampling="greedy", top_k=0, num_samples=1, batch_size=0):
+    with pytest.raises(app.UsageError, match="this model cannot generate: .*XL cache"):
+      generate_tool.main(["meliad-generate"])
+
+
+class _LayerWithMoreState(layer_lib.TransformerLayer):
+  """Stands for a memory or recurrent layer: state beyond the XL cache."""
+
+  def state_spec(self, batch_size):
+    return dict(super().state_spec(batch_size),
+                memory=tf.TensorSpec([batch_size * 2, 4], tf.float32))
+
+
+def test_layers_without_a_decode_step_are_named():
+  layer = _LayerWithMoreState(embedding_size=16, num_heads=2, head_size=8, window_length=8,
+                              name="layer_3")
+  with pytest.raises(generation.GenerationNotSupportedError,
+                     match=r"layer_3: no decode step for a layer carrying state "
+                           r"\['keys', 'memory', 'values'\]"):
+    generation.layer_decoder(layer)
+
+
+def test_where_streams_selects_each_streams_rows():
+  streams = tf.constant([True, False])
+  new = {"cache": tf.ones([2, 3]), "memory": tf.ones([4, 5])}  # memory: 2 rows per stream
+  old = tf.nest.map_structure(tf.zeros_like, new)
+  chosen = generation.where_streams(streams, new, old)
+  np.testing.assert_array_equal(chosen["cache"].numpy()[:, 0], [1, 0])
+  np.testing.assert_array_equal(chosen["memory"].numpy()[:, 0], [1, 1, 0, 0])
+  with pytest.raises(ValueError, match="does not have the 2 streams on its leading axis"):
+    generation.where_streams(streams, tf.ones([3]), tf.zeros([3]))
+
+
+def _tool_flags(**overrides):
+  settings = dict(saved_model=tiny_run.shared_export(), workdir="", load_dir="", prompt="key ",
+                  prompt_file=None, prompt_source=None, max_length=12, sampling="greedy",
+                  temperature=1.0, top_k=0, seed=0, num_samples=1, batch_size=0, gin_param=[],
+                  jit_compile=False)
+  settings.update(overrides)
+  return flagsaver.flagsaver(**settings)
+
+
+def test_meliad_generate_prints_the_greedy_continuation(saved_model, capsys):
+  loaded = tf.saved_model.load(saved_model)
+  expected = greedy(loaded, [list(b"key "), list(b"key ")], 12)[0]
+  with _tool_flags():
+    generate_tool.main(["meliad-generate"])
+  printed = capsys.readouterr().out
+  assert printed == loaded.decode(tf.constant(expected)).numpy().decode("utf-8", "replace") + "\n"
+
+
+def test_meliad_generate_takes_the_prompt_from_a_document(capsys):
+  with _tool_flags(prompt=None, prompt_source="synthetic", prompt_split="test",
+                   prompt_document=1, prompt_tokens=40, workdir=tiny_run.shared_run(),
+                   saved_model="", num_samples=2, sampling="sample", top_k=5, seed=3):
+    generate_tool.main(["meliad-generate"])
+  printed = capsys.readouterr().out
+  assert printed.startswith("--- sample 0 ---\n") and "--- sample 1 ---\n" in printed
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(max_length=0), "--max_length must be >= 1, got 0"),
+    (dict(prompt_file="x.txt"), "give exactly one of --prompt, --prompt_file and "
+                                "--prompt_source"),
+    (dict(sampling="sample", temperature=0.0), "--temperature must be > 0"),
+    (dict(top_k=3), "--top_k applies to --sampling=sample"),
+    (dict(sampling="sample", top_k=300), r"--top_k=300 exceeds the vocabulary \(256 ids\)"),
+    (dict(num_samples=3), "--num_samples=3 exceeds the 2 streams"),
+    (dict(prompt=""), "the prompt is empty"),
+    (dict(saved_model="", workdir=""), "give exactly one of --saved_model and --workdir"),
+])
+def test_meliad_generate_rejects_bad_flags(overrides, message):
+  with _tool_flags(**overrides):
+    with pytest.raises(app.UsageError, match=message):
+      generate_tool.main(["meliad-generate"])
+
+
+def test_unknown_sampling_method_is_refused():
+  with flagsaver.flagsaver():
+    with pytest.raises(flags.IllegalFlagValueError, match="value should be one of <greedy|sample>"):
+      flags.FLAGS["sampling"].parse("beam")

@@ -1,0 +1,157 @@
+"""meliad-generate: continue a prompt with a trained model; the continuation goes to stdout.
+
+  meliad-generate --saved_model=exported/tiny --prompt="key 3f" --max_length=200
+  meliad-generate --workdir=runs/tiny --prompt_file=start.txt --sampling=sample \
+      --temperature=0.8 --top_k=40 --seed=7
+  meliad-generate --saved_model=exported/tiny --prompt_source=synthetic --prompt_split=test \
+      --prompt_document=0 --prompt_tokens=1000
+
+The prompt is text (--prompt), a file (--prompt_file), or the first --prompt_tokens
+tokens of a document of a source (--prompt_source, a task or source name as meliad-eval
+takes). Its whole segments go through the model's ordinary forward pass, the rest is fed
+token by token, each token attending to exactly the W previous ones (spec §7.9).
+Decoding is greedy, or sampling with a temperature and optionally top-k, seeded.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+from meliad_tf import evaluation
+from meliad_tf import export
+from meliad_tf import generation
+import pipelines
+
+FLAGS = flags.FLAGS
+# Flags allow overriding: the tools share flag names (with the same meanings), and one process
+# (a test session) may import several of them.
+flags.DEFINE_string("saved_model", "", "A SavedModel written by meliad-export.",
+                    allow_override=True)
+flags.DEFINE_string("workdir", "", "A training run, run in process (latest checkpoint).",
+                    allow_override=True)
+flags.DEFINE_string("load_dir", "", "A training run to use if --workdir has no checkpoint.",
+                    allow_override=True)
+flags.DEFINE_string("prompt", None, "The prompt text.", allow_override=True)
+flags.DEFINE_string("prompt_file", None, "A file holding the prompt text.", allow_override=True)
+flags.DEFINE_string("prompt_source", None, "Take the prompt from a document of this task or "
+                    "source (see meliad-eval --source).", allow_override=True)
+flags.DEFINE_string("prompt_split", "test", "Split of --prompt_source.", allow_override=True)
+flags.DEFINE_integer("prompt_document", 0, "Index of the document of --prompt_source.",
+                     allow_override=True)
+flags.DEFINE_integer("prompt_tokens", 512, "Tokens of the --prompt_source document to use.",
+                     allow_override=True)
+flags.DEFINE_integer("max_length", 200, "Tokens to generate.", allow_override=True)
+flags.DEFINE_enum("sampling", generation.GREEDY, generation.SAMPLING_METHODS,
+                  "greedy: the most likely token; sample: draw from the distribution.",
+                  allow_override=True)
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0) with --sampling=sample.",
+                   allow_override=True)
+flags.DEFINE_integer("top_k", 0, "With --sampling=sample, draw only among the k most likely "
+                     "tokens (0: all).", allow_override=True)
+flags.DEFINE_integer("seed", 0, "Seed of the sampling.", allow_override=True)
+flags.DEFINE_integer("num_samples", 1, "Continuations to generate (each stream of the model "
+                     "continues the same prompt).", allow_override=True)
+flags.DEFINE_integer("batch_size", 0, "Streams with --workdir (0: --num_samples); a "
+                     "SavedModel has its own.", allow_override=True)
+flags.DEFINE_bool("jit_compile", None, "With --workdir, compile the scoring and decode steps with "
+                  "XLA (default: with a GPU yes, on CPU no; see meliad-bench eval).",
+                  allow_override=True)
+flags.DEFINE_string("default_data_dir", None, "TFDS data directory for --prompt_source.",
+                    allow_override=True)
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the run's config.gin.",
+                          allow_override=True)
+
+
+def _check_flags():
+  prompts = [name for name in ("prompt", "prompt_file", "prompt_source")
+             if getattr(FLAGS, name) is not None]
+  if len(prompts) != 1:
+    raise app.UsageError("give exactly one of --prompt, --prompt_file and --prompt_source"
+                         + (f" (got {', '.join('--' + p for p in prompts)})" if prompts else ""))
+  if FLAGS.max_length <= 0:
+    raise app.UsageError(f"--max_length must be >= 1, got {FLAGS.max_length}")
+  if FLAGS.num_samples <= 0:
+    raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+  if FLAGS.top_k < 0:
+    raise app.UsageError(f"--top_k must be >= 0 (0: no truncation), got {FLAGS.top_k}")
+  if FLAGS.prompt_tokens <= 0:
+    raise app.UsageError(f"--prompt_tokens must be >= 1, got {FLAGS.prompt_tokens}")
+  if FLAGS.sampling == generation.SAMPLE and FLAGS.temperature <= 0:
+    raise app.UsageError(f"--temperature must be > 0 with --sampling=sample, got "
+                         f"{FLAGS.temperature}; use --sampling=greedy for argmax decoding")
+  if FLAGS.sampling == generation.GREEDY and FLAGS.top_k:
+    raise app.UsageError("--top_k applies to --sampling=sample, not to greedy decoding")
+
+
+def _prompt_tokens(handle):
+  """The prompt as token ids (host list), from whichever prompt flag is set."""
+  if FLAGS.prompt_source is not None:
+    handle.parse_config(FLAGS.gin_param)
+    pipelines.set_default_data_directory(FLAGS.default_data_dir)
+    task = evaluation.make_task(FLAGS.prompt_source, handle.vocabulary)
+    documents = task.source.documents(FLAGS.prompt_split).skip(FLAGS.prompt_document).take(1)
+    texts = [document["text"] for document in documents]
+    if not texts:
+      raise ValueError(f"--prompt_source={FLAGS.prompt_source} split {FLAGS.prompt_split} has no "
+                       f"document {FLAGS.prompt_document}")
+    return handle.module.encode(texts[0]).numpy()[:FLAGS.prompt_tokens]
+  if FLAGS.prompt_file is not None:
+    with open(FLAGS.prompt_file, "rb") as f:
+      text = f.read()
+  else:
+    text = FLAGS.prompt.encode("utf-8")
+  return handle.module.encode(tf.constant(text)).numpy()
+
+
+def continuations(handle, prompt, num_samples):
+  """Generates from the prompt in `num_samples` streams; returns their token arrays."""
+  batch_size = handle.batch_size
+  if num_samples > batch_size:
+    raise ValueError(f"--num_samples={num_samples} exceeds the {batch_size} streams of the model")
+  if not handle.metadata["supports_generate"]:
+    raise ValueError("this model cannot generate: "
+                     f"{handle.metadata['generate_unsupported_reason']}")
+  if not len(prompt):
+    raise ValueError("the prompt is empty; generation needs at least one token to continue")
+  vocab_size = handle.metadata["vocab_size"]
+  if FLAGS.top_k > vocab_size:
+    raise ValueError(f"--top_k={FLAGS.top_k} exceeds the vocabulary ({vocab_size} ids)")
+  tokens = np.tile(np.asarray(prompt, np.int32)[None], [batch_size, 1])
+  temperature = FLAGS.temperature if FLAGS.sampling == generation.SAMPLE else 0.0
+  generated = handle.module.generate(
+      tf.constant(tokens), tf.fill([batch_size], len(prompt)), tf.constant(FLAGS.max_length),
+      tf.constant(temperature, tf.float32), tf.constant(FLAGS.top_k),
+      tf.constant([FLAGS.seed, 0], tf.int64))["tokens"].numpy()
+  return generated[:num_samples]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _check_flags()
+  try:
+    handle = export.open_model(
+        saved_model=FLAGS.saved_model, workdir=FLAGS.workdir, load_dir=FLAGS.load_dir,
+        batch_size=0 if FLAGS.saved_model else FLAGS.batch_size or FLAGS.num_samples,
+        jit_compile=export.resolve_jit_compile(FLAGS.jit_compile),
+        gin_params=FLAGS.gin_param)
+    prompt = _prompt_tokens(handle)
+    samples = continuations(handle, prompt, FLAGS.num_samples)
+  except (ValueError, OSError) as e:
+    raise app.UsageError(str(e)) from e
+  for i, tokens in enumerate(samples):
+    if len(samples) > 1:
+      print(f"--- sample {i} ---")
+    text = handle.module.decode(tf.constant(tokens)).numpy()
+    print(text.decode("utf-8", errors="replace"))
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())
