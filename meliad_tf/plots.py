@@ -16,7 +16,7 @@ def read_scalars(workdir):
   Raises:
     FileNotFoundError: if the workdir holds no event files.
   """
-  files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
+  files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")), key=_write_order)
   if not files:
     raise FileNotFoundError(f"no TensorBoard event files in {workdir}")
   scalars = {}
@@ -28,6 +28,17 @@ def read_scalars(workdir):
         scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
   # A resumed run may rewrite steps; the last value written for a step wins.
   return {tag: sorted(points.items()) for tag, points in scalars.items()}
+
+
+def _write_order(path):
+  """Event files in the order they were written: by creation second, then by the writer's
+  counter (the name is events.out.tfevents.SECONDS.HOST.PID.COUNTER.v2; HOST may hold dots,
+  and the counter has no leading zeros, so names alone sort 10 before 9)."""
+  parts = os.path.basename(path).split(".")
+  try:
+    return int(parts[3]), int(parts[-2]), path
+  except (IndexError, ValueError):
+    return 0, 0, path
 
 
 def plot_curves(runs, tags, output, title=None):

@@ -30,6 +30,14 @@ def test_rewritten_steps_keep_the_last_value(tmp_path):
   assert plots.read_scalars(str(tmp_path))["train/bits_per_token"] == [(0, 5.0), (10, 3.0)]
 
 
+def test_event_files_are_read_in_writing_order_not_name_order(tmp_path):
+  for counter, value in ((9, 4.0), (10, 3.0)):
+    write_run(tmp_path / str(counter), [(10, value)])
+    (written,) = (tmp_path / str(counter)).glob("events.out.tfevents.*")
+    written.rename(tmp_path / f"events.out.tfevents.1700000000.host.name.77.{counter}.v2")
+  assert plots.read_scalars(str(tmp_path))["train/bits_per_token"] == [(10, 3.0)]
+
+
 def test_missing_event_files_are_reported(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     plots.read_scalars(str(tmp_path))
