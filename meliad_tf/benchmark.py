@@ -14,7 +14,8 @@ from meliad_tf import gin_setup
 from meliad_tf import trainer as trainer_lib
 
 
-def _best_seconds(fn, repeats):
+def best_seconds(fn, repeats):
+  """The fastest of `repeats` timed calls of `fn`, after one untimed call."""
   fn()  # warm-up and compilation
   best = float("inf")
   for _ in range(repeats):
@@ -34,9 +35,9 @@ def matmul_peak_gflops(size=2048, repeats=5):
   graph = tf.function(lambda: tf.reduce_sum(tf.matmul(ta, tb)))
   xla = tf.function(lambda: tf.reduce_sum(tf.matmul(ta, tb)), jit_compile=True)
   return {
-      "numpy": flops / _best_seconds(lambda: a @ b, repeats) / 1e9,
-      "tensorflow": flops / _best_seconds(lambda: graph().numpy(), repeats) / 1e9,
-      "xla": flops / _best_seconds(lambda: xla().numpy(), repeats) / 1e9,
+      "numpy": flops / best_seconds(lambda: a @ b, repeats) / 1e9,
+      "tensorflow": flops / best_seconds(lambda: graph().numpy(), repeats) / 1e9,
+      "xla": flops / best_seconds(lambda: xla().numpy(), repeats) / 1e9,
   }
 
 

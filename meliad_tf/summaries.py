@@ -3,7 +3,6 @@
 import os
 import time
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow as tf
 
 from meliad_tf import plots
 from meliad_tf import summaries

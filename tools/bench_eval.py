@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
@@ -27,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
+from meliad_tf import benchmark
 from meliad_tf import export
 from meliad_tf import gin_setup
 from meliad_tf import model as model_lib
@@ -40,16 +40,6 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per figure (the best is reported)
 flags.DEFINE_bool("xla", True, "Also time in-process scoring and generation compiled with XLA.")
 
 
-def _best_seconds(fn, repeats):
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def _scoring_rate(module, segments, repeats):
   """Tokens per second of `score` over segments [S, B, L], from a document start."""
 
@@ -58,7 +48,7 @@ def _scoring_rate(module, segments, repeats):
     for s, segment in enumerate(segments):
       module.score(segment, tf.fill([segment.shape[0]], s == 0))["loss"].numpy()
 
-  return int(tf.size(segments)) / _best_seconds(score_all, repeats)
+  return int(tf.size(segments)) / benchmark.best_seconds(score_all, repeats)
 
 
 def _generation_rate(module, prompt, num_tokens, repeats):
@@ -70,7 +60,7 @@ def _generation_rate(module, prompt, num_tokens, repeats):
                     tf.constant(1.0), tf.constant(0), tf.constant([0, 0], tf.int64)
                     )["tokens"].numpy()
 
-  return batch_size * num_tokens / _best_seconds(generate, repeats)
+  return batch_size * num_tokens / benchmark.best_seconds(generate, repeats)
 
 
 def measure(size, directory):
