@@ -50,12 +50,13 @@ def plot_curves(runs, tags, output, title=None):
     output: PNG path.
   """
   figure, axes = pyplot.subplots(1, len(tags), figsize=(5 * len(tags), 3.6), squeeze=False)
-  for label, workdir in runs.items():
+  for index, (label, workdir) in enumerate(runs.items()):
     scalars = read_scalars(workdir)
     for axis, tag in zip(axes[0], tags):
       if tag in scalars:
         steps, values = zip(*scalars[tag])
-        axis.plot(steps, values, marker=".", label=label)
+        # One colour per run in every panel, also where another run lacks the tag.
+        axis.plot(steps, values, marker=".", label=label, color=f"C{index % 10}")
   for axis, tag in zip(axes[0], tags):
     axis.set_title(tag)
     axis.set_xlabel("step")
