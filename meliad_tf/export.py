@@ -14,9 +14,12 @@ SentencePiece vocabulary needs `import tensorflow_text` before loading, for its 
   `score` treats them as starting a document whatever its `start_of_sequence` says, as it
   does for every stream of a freshly loaded SavedModel.
 * `generate(prompt int32 [B, P], lengths int32 [B], max_length, temperature, top_k,
-  seed int64 [2])` -> {"tokens" int32 [B, max_length]} (see `generation.generate`); it
-  does not touch the scoring state. Absent when the model cannot decode incrementally
-  (metadata `supports_generate` is false and `generate_unsupported_reason` says why).
+  seed int64 [2], write_memory bool [] = False)` -> {"tokens" int32 [B, max_length]} (see
+  `generation.generate`; `write_memory` writes the segments completed while generating to a
+  memory model's memory; the `generate` signature, called by keyword, needs it given); it
+  does not touch the scoring state. Absent when the model cannot generate, for a layer
+  without the XL cache (metadata `supports_generate` is false and
+  `generate_unsupported_reason` says why).
 * `encode(text string [])` -> int32 [n] and `decode(tokens int32 [n])` -> string [].
 
 Assets: `config.gin` (the run's operative configuration), `metadata.json` (family,
@@ -180,7 +183,8 @@ class ScoringModule(tf.Module):
           tf.TensorSpec([], tf.int32, name="max_length"),
           tf.TensorSpec([], tf.float32, name="temperature"),
           tf.TensorSpec([], tf.int32, name="top_k"),
-          tf.TensorSpec([2], tf.int64, name="seed")])
+          tf.TensorSpec([2], tf.int64, name="seed"),
+          tf.TensorSpec([], tf.bool, name="write_memory")])
 
   def _forward_and_store(self, tokens, start_of_sequence):
     start = start_of_sequence | self.pending_start
@@ -214,9 +218,11 @@ class ScoringModule(tf.Module):
   def _reset_all(self):
     return self._reset(tf.ones([self.batch_size], tf.bool))
 
-  def _generate(self, prompt, lengths, max_length, temperature, top_k, seed):
+  def _generate(self, prompt, lengths, max_length, temperature, top_k, seed,
+                write_memory=False):
     return {"tokens": generation.generate(self.model, prompt, lengths, max_length, temperature,
-                                          top_k, seed, jit_compile=self.jit_compile)}
+                                          top_k, seed, jit_compile=self.jit_compile,
+                                          write_memory=write_memory)}
 
 
 def metadata(module, *, vocabulary, task_name, step):

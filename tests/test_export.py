@@ -344,15 +344,16 @@ def family_model(name, *params):
 def test_every_family_scores_alike_after_reload_and_resets_to_a_document_start(name, tmp_path):
   model = family_model(name)
   vocabulary = pipelines.RawByteVocabulary()
-  export.export(export.ScoringModule(model, 2, vocabulary), str(tmp_path / "model"),
-                vocabulary=vocabulary, config_text="", task_name="synthetic", step=0)
+  module = export.ScoringModule(model, 2, vocabulary)
+  export.export(module, str(tmp_path / "model"), vocabulary=vocabulary, config_text="",
+                task_name="synthetic", step=0)
   loaded, meta = export.load(str(tmp_path / "model"))
   assert meta["family"] == name
   if name == "memorizing":
     assert (meta["memory_num_neighbors"], meta["memory_database_size"]) == (4, 32)
   else:
     assert meta["recurrent_num_states"] == 4
-  assert not meta["supports_generate"] and "no decode step" in meta["generate_unsupported_reason"]
+  assert meta["supports_generate"] and meta["generate_unsupported_reason"] is None
   segments = tf.random.stateless_uniform([2, 3, 16], [5, 6], 1, 256, tf.int32).numpy()
   scored = np.stack([o["log_probs"] for o in score_segments(loaded, segments)], axis=1)
   np.testing.assert_allclose(scored, naive_log_probs(model, segments), rtol=RTOL, atol=ATOL)
@@ -361,6 +362,21 @@ def test_every_family_scores_alike_after_reload_and_resets_to_a_document_start(n
   loaded.reset(tf.constant([True, False]))
   after_reset = loaded.score(tf.constant(segments[:, 0]), tf.constant([False, False]))
   np.testing.assert_allclose(after_reset["log_probs"][0], scored[0, 0], rtol=RTOL, atol=ATOL)
+  # Generation (tests/test_generation.py checks it against the forward pass) is the same
+  # out of the SavedModel; its signature takes write_memory by keyword.
+  prompt = tf.constant(segments[:, :2].reshape(2, 32))
+  arguments = dict(prompt=prompt, lengths=tf.constant([23, 4]), max_length=tf.constant(20),
+                   temperature=tf.constant(1.0), top_k=tf.constant(0),
+                   seed=tf.constant([3, 1], tf.int64))
+  tokens = {}
+  for write_memory in (False, True):
+    tokens[write_memory] = module.generate(
+        **arguments, write_memory=tf.constant(write_memory))["tokens"].numpy()
+    reloaded = loaded.signatures["generate"](**arguments, write_memory=tf.constant(write_memory))
+    np.testing.assert_array_equal(reloaded["tokens"].numpy(), tokens[write_memory])
+  # Called without write_memory, the restored function does not write.
+  np.testing.assert_array_equal(loaded.generate(*arguments.values())["tokens"].numpy(),
+                                tokens[False])
 
 
 def test_a_memory_searched_on_the_host_is_refused(tmp_path):

@@ -8,8 +8,11 @@
 
 The prompt is text (--prompt), a file (--prompt_file), or the first --prompt_tokens
 tokens of a document of a source (--prompt_source, a task or source name as meliad-eval
-takes). Its whole segments go through the model's ordinary forward pass, the rest is fed
-token by token, each token attending to exactly the W previous ones (spec §7.9).
+takes). Its whole segments go through the model's ordinary forward pass; for a
+Transformer-XL model the rest is fed token by token, each token attending to exactly the W
+previous ones (spec §7.9), and memory and recurrent models re-run the current segment for
+every token (see meliad_tf.generation). A memory model retrieves from the memory the
+prompt's segments built; with --write_memory it also writes the segments it generates.
 Decoding is greedy, or sampling with a temperature and optionally top-k, seeded.
 """
 
@@ -52,6 +55,9 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0) with --sampli
 flags.DEFINE_integer("top_k", 0, "With --sampling=sample, draw only among the k most likely "
                      "tokens (0: all).", allow_override=True)
 flags.DEFINE_integer("seed", 0, "Seed of the sampling.", allow_override=True)
+flags.DEFINE_bool("write_memory", False, "For a model with a memory: also write the segments "
+                  "completed while generating to it (otherwise the continuation retrieves from "
+                  "the prompt's segments only).", allow_override=True)
 flags.DEFINE_integer("num_samples", 1, "Continuations to generate (each stream of the model "
                      "continues the same prompt).", allow_override=True)
 flags.DEFINE_integer("batch_size", 0, "Streams with --workdir (0: --num_samples); a "
@@ -119,12 +125,20 @@ def continuations(handle, prompt, num_samples):
   vocab_size = handle.metadata["vocab_size"]
   if FLAGS.top_k > vocab_size:
     raise ValueError(f"--top_k={FLAGS.top_k} exceeds the vocabulary ({vocab_size} ids)")
+  # Passed only when set: the generate of an XL model exported before write_memory existed
+  # takes six arguments.
+  options = {}
+  if FLAGS.write_memory:
+    if not handle.metadata["memory_layers"]:
+      raise ValueError("--write_memory applies to a model with a memory "
+                       f"(this one is {handle.metadata['family']})")
+    options["write_memory"] = tf.constant(True)
   tokens = np.tile(np.asarray(prompt, np.int32)[None], [batch_size, 1])
   temperature = FLAGS.temperature if FLAGS.sampling == generation.SAMPLE else 0.0
   generated = handle.module.generate(
       tf.constant(tokens), tf.fill([batch_size], len(prompt)), tf.constant(FLAGS.max_length),
       tf.constant(temperature, tf.float32), tf.constant(FLAGS.top_k),
-      tf.constant([FLAGS.seed, 0], tf.int64))["tokens"].numpy()
+      tf.constant([FLAGS.seed, 0], tf.int64), **options)["tokens"].numpy()
   return generated[:num_samples]
 
 
