@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import app
-from absl import flags
 from absl.testing import flagsaver
 
 import pipelines
@@ -23,17 +22,7 @@ L = tiny_run.SEQUENCE_LENGTH
 LOG2_E = 1 / math.log(2)
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  yield
-  gin.clear_config()
-
-
-@pytest.fixture(scope="module")
-def saved_model():
-  return tiny_run.shared_export()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import pytest
 import sentencepiece
 import tensorflow as tf
 from absl import app
-from absl import flags
 from absl.testing import flagsaver
 
 import pipelines
@@ -28,17 +27,7 @@ B = tiny_run.BATCH
 RTOL, ATOL = 1e-5, 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  yield
-  gin.clear_config()
-
-
-@pytest.fixture(scope="module")
-def saved_model():
-  return tiny_run.shared_export()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.fixture(scope="module")

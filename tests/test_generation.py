@@ -21,17 +21,7 @@ L = tiny_run.SEQUENCE_LENGTH
 V = tiny_run.VOCAB_SIZE
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  yield
-  gin.clear_config()
-
-
-@pytest.fixture(scope="module")
-def saved_model():
-  return tiny_run.shared_export()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def random_model(*params):
