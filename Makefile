@@ -18,6 +18,7 @@ main: $(STAMP)
 	$(VENV)/bin/meliad-train --gin_file=base_htrans.gin --gin_file=size/tiny_test.gin \
 	  --gin_file=tasks/python_stdlib_bytes.gin --gin_file=main_job.gin \
 	  --workdir=$(WORKDIR) --alsologtostderr
+	$(VENV)/bin/meliad-eval --workdir=$(WORKDIR) --max_documents=4 --output=$(WORKDIR)/eval.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
