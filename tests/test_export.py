@@ -311,14 +311,7 @@ FAMILIES = {
                         "DecoderStack.recurrent_layer_indices = (-1,)",
                         "TransformerLayer.recurrent_num_states = 4",
                         "DecoderStack.feedback_recurrence = False"],
-    "memorizing": ["TransformerLayer.window_length = 16",
-                   "DecoderStack.memory_layer_indices = (-1,)",
-                   "TransformerLayer.memory_num_neighbors = 4",
-                   "DecoderStack.memory_factory = @memory_on_tpu_factory",
-                   "memory_on_tpu_factory.num_heads = 2", "memory_on_tpu_factory.key_size = 16",
-                   "memory_on_tpu_factory.value_size = 16",
-                   "memory_on_tpu_factory.database_size = 32",
-                   "memory_on_tpu_factory.dtype = 'float32'"],
+    "memorizing": tiny_run.MEMORIZING,
 }
 
 

@@ -252,14 +252,7 @@ def test_where_streams_selects_each_streams_rows():
 # (segments of 16 tokens; `random_model` sets windows of 8 unless overridden).
 SEGMENT_FAMILIES = {
     # The memory holds two segments (N = 32): generating wraps its ring buffer.
-    "memorizing": ["TransformerLayer.window_length = 16",
-                   "DecoderStack.memory_layer_indices = (-1,)",
-                   "TransformerLayer.memory_num_neighbors = 4",
-                   "DecoderStack.memory_factory = @memory_on_tpu_factory",
-                   "memory_on_tpu_factory.num_heads = 2", "memory_on_tpu_factory.key_size = 16",
-                   "memory_on_tpu_factory.value_size = 16",
-                   "memory_on_tpu_factory.database_size = 32",
-                   "memory_on_tpu_factory.dtype = 'float32'"],
+    "memorizing": tiny_run.MEMORIZING,
     # recurrent/bias_skip.gin with both layers recurrent and blocks of 4: 4 blocks a segment.
     "recurrent_bias_skip": ["TransformerLayer.window_length = 4",
                             "DecoderStack.recurrent_layer_indices = (0, 1)",

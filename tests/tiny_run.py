@@ -36,6 +36,17 @@ PARAMS = [
     "pipelines.synthetic.document_length = 400", "pipelines.synthetic.num_facts = 4",
 ]
 
+# Bindings that turn the last layer into a memory layer of 32 entries: two segments of the
+# 16 tokens that the family tests use.
+MEMORIZING = ["TransformerLayer.window_length = 16",
+              "DecoderStack.memory_layer_indices = (-1,)",
+              "TransformerLayer.memory_num_neighbors = 4",
+              "DecoderStack.memory_factory = @memory_on_tpu_factory",
+              "memory_on_tpu_factory.num_heads = 2", "memory_on_tpu_factory.key_size = 16",
+              "memory_on_tpu_factory.value_size = 16",
+              "memory_on_tpu_factory.database_size = 32",
+              "memory_on_tpu_factory.dtype = 'float32'"]
+
 
 def configure(*params):
   """Parses the tiny configuration (plus `params`) into a cleared gin config."""
