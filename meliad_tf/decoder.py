@@ -10,6 +10,7 @@ from meliad_tf import initializers
 from meliad_tf import layer as layer_lib
 from meliad_tf import norms
 from meliad_tf import positions
+from meliad_tf import profiling
 
 _SEED_FINAL_DROPOUT = 1 << 20
 _SEED_CHUNK = 1 << 21
@@ -134,7 +135,8 @@ class DecoderStack(tf.Module):
     Returns:
       (logits float32 [B, N, V], new state).
     """
-    x = tf.cast(tf.gather(self.embedding, tokens), self.dtype)
+    with tf.name_scope("embedding"):
+      x = tf.cast(tf.gather(self.embedding, tokens), self.dtype)
     if self.use_absolute_positions:
       x += tf.cast(positions.absolute_position_encoding(tokens.shape[1], self.embedding_size),
                    self.dtype)
@@ -159,13 +161,18 @@ class DecoderStack(tf.Module):
       for i, layer_diagnostics in enumerate(per_layer):
         for name, values in layer_diagnostics.items():
           diagnostics[f"layer_{i}/{name}"] = tf.reduce_mean(tf.stack(values))
+    return self._logits(x, training, seed), new_state
+
+  @profiling.scoped("output")
+  def _logits(self, x, training, seed):
+    """The final norm, dropout and the tied output layer, scaled by 1/sqrt(V)."""
     if self.final_layernorm is not None:
       x = self.final_layernorm(x)
     if training and self.final_dropout_rate > 0.0:
       x = dropout_lib.tiled_dropout(x, self.final_dropout_rate,
                                     dropout_lib.fold_in(seed, _SEED_FINAL_DROPOUT))
     logits = tf.matmul(tf.cast(x, tf.float32), self.embedding, transpose_b=True)
-    return logits / math.sqrt(self.vocab_size), new_state
+    return logits / math.sqrt(self.vocab_size)
 
   def _num_chunks(self, length):
     if not self.dstack_window_length or self.dstack_window_length >= length:

@@ -59,8 +59,9 @@ def check_rate(name, rate):
 def keep_mask(shape, rate, seed, dtype):
   """Multiplier of 0 or 1/(1-rate) of the given shape."""
   keep_prob = 1.0 - rate
-  keep = uniform(shape, seed) < keep_prob
-  return tf.cast(keep, dtype) / tf.cast(keep_prob, dtype)
+  with tf.name_scope("dropout"):
+    keep = uniform(shape, seed) < keep_prob
+    return tf.cast(keep, dtype) / tf.cast(keep_prob, dtype)
 
 
 def tiled_dropout(x, rate, seed, tile_length=DROPOUT_TILE_LENGTH):
@@ -80,4 +81,5 @@ def tiled_dropout(x, rate, seed, tile_length=DROPOUT_TILE_LENGTH):
         f"tiled dropout needs the sequence length ({length}) to be a multiple of {tile_length}; "
         "set the dropout rates to 0 or use a multiple of 128 tokens")
   mask = keep_mask([1, tile, features], rate, seed, x.dtype)
-  return x * tf.tile(mask, [batch, length // tile, 1])
+  with tf.name_scope("dropout"):
+    return x * tf.tile(mask, [batch, length // tile, 1])

@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from meliad_tf import host_memory
 from meliad_tf import initializers
+from meliad_tf import profiling
 
 BACKENDS = ("bucketed", "exact", "approx_max_k", "scann")
 # Added to the score of an empty slot (Meliad's value): below any real dot product of
@@ -162,6 +163,7 @@ class ExternalMemory:
             "values": tf.TensorSpec(rows + [self.value_size], self.dtype),
             "index": tf.TensorSpec([batch_size], tf.int32)}
 
+  @profiling.scoped("reset")
   def reset(self, state, start_of_sequence):
     """Empties the memory of every stream whose document starts here (others untouched)."""
     start = tf.convert_to_tensor(start_of_sequence)
@@ -170,6 +172,7 @@ class ExternalMemory:
             "values": tf.where(rows, tf.zeros_like(state["values"]), state["values"]),
             "index": tf.where(start, tf.zeros_like(state["index"]), state["index"])}
 
+  @profiling.scoped("search")
   def search(self, state, queries, num_neighbors):
     """Slots and scores of the K neighbours of each query, on device.
 
@@ -228,6 +231,7 @@ class ExternalMemory:
         (tf.constant(0), tf.fill(best_shape, -float("inf")), tf.zeros(best_shape, tf.int32)))
     return slots, scores
 
+  @profiling.scoped("search")
   def host_search(self, state, queries, keys, num_neighbors, mode):
     """Slots of the K neighbours of each query, found by ScaNN on the host (scann backend).
 
@@ -293,6 +297,7 @@ class ExternalMemory:
     decoding): (keys, values), each [B, H, n, K, d]."""
     return self.gather(state, self.search(state, queries, num_neighbors)[0])
 
+  @profiling.scoped("attend")
   def attend(self, state, queries, slots, scores=None, scale=None):
     """Attention of each query over its K neighbours: softmax over K, no bias, no mask.
 
@@ -327,6 +332,7 @@ class ExternalMemory:
     values = self._gather(state["values"], slots)
     return tf.einsum("bhqk,bhqkd->bqhd", tf.cast(probs, values.dtype), values)
 
+  @profiling.scoped("write")
   def write(self, state, keys, values):
     """Appends n entries per stream at slots (index + i) mod N and advances the index.
 

@@ -82,13 +82,14 @@ class DecoderOnlyLanguageModel(tf.Module):
     diagnostics = {}
     logits, new_state = self.decoder(tokens, batch["start_of_sequence"], state,
                                      training=training, seed=seed, diagnostics=diagnostics)
-    mask = prediction_mask(tokens, targets, batch.get("loss_mask"))
-    weights = tf.cast(mask, tf.float32)
-    token_losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets,
-                                                                  logits=logits) * weights
-    loss = tf.reduce_sum(token_losses)
-    predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    correct = tf.cast(tf.equal(predictions, targets), tf.float32) * weights
+    with tf.name_scope("loss"):
+      mask = prediction_mask(tokens, targets, batch.get("loss_mask"))
+      weights = tf.cast(mask, tf.float32)
+      token_losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets,
+                                                                    logits=logits) * weights
+      loss = tf.reduce_sum(token_losses)
+      predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+      correct = tf.cast(tf.equal(predictions, targets), tf.float32) * weights
     metrics = {
         "loss": loss,
         "token_count": tf.reduce_sum(weights),

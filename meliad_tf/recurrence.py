@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from meliad_tf import attention
 from meliad_tf import initializers
+from meliad_tf import profiling
 
 INITIAL_STATE_STDDEV = 0.1
 
@@ -165,6 +166,7 @@ def gate_diagnostics(gates_per_block):
   return result
 
 
+@profiling.scoped("cross_attention")
 def attend_to_state(queries2, state_keys, state_values, scale):
   """Cross attention from tokens to a recurrent state: no mask, no bias, no dropout.
 

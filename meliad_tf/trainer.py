@@ -26,6 +26,7 @@ from meliad_tf import checkpoints
 from meliad_tf import distribution
 from meliad_tf import model as model_lib
 from meliad_tf import optimizer as optimizer_lib
+from meliad_tf import profiling
 from meliad_tf import schedules
 from meliad_tf import state as state_lib
 from meliad_tf import summaries
@@ -45,6 +46,7 @@ ALL_FINITE = "all_finite"
 STEP_LOSSES_FILE = "step_losses.jsonl"
 
 
+@profiling.scoped("finite_check")
 def _all_finite(loss, grads):
   """A bool scalar: the loss and every gradient are finite."""
   checks = [tf.reduce_all(tf.math.is_finite(loss))]
@@ -326,6 +328,7 @@ class Trainer:
         else tf.distribute.ReduceOp.SUM, value, axis=None)
             for key, value in per_replica.items()}
 
+  @profiling.scoped("optimizer")
   def _apply_on_every_replica(self, grads, learning_rate, all_finite=None):
     """The optimizer update, applied to each replica's copy of every parameter.
 

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-BENCHMARKS = ("data", "train", "memory", "recurrent", "eval")
+BENCHMARKS = ("data", "train", "memory", "recurrent", "eval", "profile")
 
 
 def _available():
