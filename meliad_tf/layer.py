@@ -15,6 +15,7 @@ from meliad_tf import initializers
 from meliad_tf import mlp
 from meliad_tf import norms
 from meliad_tf import positions
+from meliad_tf import profiling
 from meliad_tf import recurrence
 
 POSITION_TYPES = ("t5", "fourier", "rotary", None)
@@ -56,6 +57,9 @@ class TransformerBase(tf.Module):
       queries are scaled by 1/sqrt(d).
     dropout_rate, pre_attn_dropout, post_attn_dropout, pre_ffn_dropout,
       post_ffn_dropout: where tiled dropout is applied, in training only.
+    fuse_projections: compute the key, value and query projections as one matrix product
+      of the concatenated kernels (the kernels stay separate parameters); False computes
+      one product per kernel. The same arithmetic either way.
     dtype: compute dtype.
   """
 
@@ -64,7 +68,7 @@ class TransformerBase(tf.Module):
                single_gate=False, skip_ffn=False, attn_mlp_factory=projection_mlp,
                ffn_factory=feed_forward_mlp, normalize_keys=True, dropout_rate=0.0,
                pre_attn_dropout=True, post_attn_dropout=False, pre_ffn_dropout=False,
-               post_ffn_dropout=True, dtype="float32", name=None):
+               post_ffn_dropout=True, fuse_projections=True, dtype="float32", name=None):
     super().__init__(name=name)
     for arg, value in (("embedding_size (EMBED_DIM)", embedding_size),
                        ("num_heads (NUM_HEADS)", num_heads), ("head_size (HEAD_DIM)", head_size)):
@@ -86,6 +90,7 @@ class TransformerBase(tf.Module):
     self.post_ffn_dropout = post_ffn_dropout
     self.single_gate = single_gate
     self.skip_ffn = skip_ffn
+    self.fuse_projections = fuse_projections
     self.dtype = initializers.as_dtype(dtype)
     projection_width = num_heads * head_size
     attention_output_width = (num_heads + num_cross_heads) * head_size
@@ -142,6 +147,7 @@ class TransformerBase(tf.Module):
     shape = x.shape.as_list()
     return tf.reshape(x, shape[:-1] + [self.num_heads, self.head_size])
 
+  @profiling.scoped("kvq")
   def kvq(self, x, *, training=False, seed=None):
     """Keys, values, queries (and second queries or None) of x [B, N, E], each [B, N, H, d].
 
@@ -153,11 +159,18 @@ class TransformerBase(tf.Module):
     drop = self._dropout(self.pre_attn_dropout, training, seed, _SEED_PRE_ATTENTION)
     if drop is not None:
       h = drop(h)
-    keys = self._split_heads(self.keys_layer(h))
-    values = self._split_heads(self.values_layer(h))
-    queries = self._split_heads(self.queries_layer(h))
-    queries2 = (self._split_heads(self.queries2_layer(h))
-                if self.queries2_layer is not None else None)
+    projections = [self.keys_layer, self.values_layer, self.queries_layer]
+    if self.queries2_layer is not None:
+      projections.append(self.queries2_layer)
+    if self.fuse_projections:
+      # One product with the kernels side by side: on CPU a wider matmul runs nearer the
+      # peak, and the backward pass gets one product per gradient instead of one per kernel.
+      kernel = tf.concat([tf.cast(p.kernel, self.dtype) for p in projections], axis=1)
+      outputs = tf.split(tf.matmul(h, kernel), len(projections), axis=-1)
+    else:
+      outputs = [p(h) for p in projections]
+    keys, values, queries = (self._split_heads(y) for y in outputs[:3])
+    queries2 = self._split_heads(outputs[3]) if len(outputs) > 3 else None
     if self.normalize_keys:
       keys = attention.l2_normalize(keys)
       queries = attention.l2_normalize(queries)
@@ -188,19 +201,22 @@ class TransformerBase(tf.Module):
     shape = heads.shape.as_list()
     heads = tf.reshape(heads, shape[:-2] + [shape[-2] * shape[-1]])
     if self.single_gate:
-      return self.ffn(heads, x, gates=gates)
-    y = self.post_attn_mlp(heads, x,
-                           dropout=self._dropout(self.post_attn_dropout, training, seed,
-                                                         _SEED_POST_ATTENTION),
-                           gates=gates)
+      with tf.name_scope("ffn"):
+        return self.ffn(heads, x, gates=gates)
+    with tf.name_scope("projection"):
+      y = self.post_attn_mlp(heads, x,
+                             dropout=self._dropout(self.post_attn_dropout, training, seed,
+                                                   _SEED_POST_ATTENTION),
+                             gates=gates)
     if self.ffn is None:
       return y
-    z = self.pre_ffn_layernorm(y)
-    drop = self._dropout(self.pre_ffn_dropout, training, seed, _SEED_PRE_FFN)
-    if drop is not None:
-      z = drop(z)
-    return self.ffn(z, y, dropout=self._dropout(self.post_ffn_dropout, training, seed,
-                                                 _SEED_POST_FFN), gates=gates)
+    with tf.name_scope("ffn"):
+      z = self.pre_ffn_layernorm(y)
+      drop = self._dropout(self.pre_ffn_dropout, training, seed, _SEED_PRE_FFN)
+      if drop is not None:
+        z = drop(z)
+      return self.ffn(z, y, dropout=self._dropout(self.post_ffn_dropout, training, seed,
+                                                   _SEED_POST_FFN), gates=gates)
 
 
 @gin.configurable(module="transformer_layer")
@@ -234,6 +250,10 @@ class TransformerLayer(tf.Module):
     memory_reset_on_new_doc: empty a stream's memory when its document starts.
     compute_importance: must be False (vestigial in Meliad).
     is_recurrent, memory, cross_attention: set by the stack for special layers.
+    attention_block_length: queries per block of the sliding-window attention, which then
+      computes only the band of W keys each block needs (the longest divisor of W up to this
+      value); 0 computes it window by window against 2W keys, as Meliad, the masked half
+      included. The same arithmetic either way; see attention.sliding_window_attention.
     dtype: compute dtype.
   """
 
@@ -243,7 +263,8 @@ class TransformerLayer(tf.Module):
                recurrent_num_states=0, recurrent_gate_type="bias",
                recurrent_single_gate=False, recurrent_skip_ffn=False,
                memory_num_neighbors=0, memory_reset_on_new_doc=True, compute_importance=False,
-               is_recurrent=False, memory=None, cross_attention=False, dtype="float32",
+               is_recurrent=False, memory=None, cross_attention=False,
+               attention_block_length=attention.DEFAULT_BLOCK_LENGTH, dtype="float32",
                name=None):
     super().__init__(name=name)
     del max_unrolled_windows  # Batched windows are exact; nothing to choose.
@@ -259,6 +280,10 @@ class TransformerLayer(tf.Module):
     if isinstance(window_length, bool) or not isinstance(window_length, int) or window_length <= 0:
       raise ValueError(f"TransformerLayer.window_length must be a positive integer, got "
                        f"{window_length!r}")
+    if (isinstance(attention_block_length, bool) or not isinstance(attention_block_length, int)
+        or attention_block_length < 0):
+      raise ValueError(f"TransformerLayer.attention_block_length must be an integer >= 0, got "
+                       f"{attention_block_length!r}")
     dropout_lib.check_rate("TransformerLayer.attn_dropout_rate (ATTN_DROPOUT_RATE)",
                            attn_dropout_rate)
     if memory is not None:
@@ -270,6 +295,9 @@ class TransformerLayer(tf.Module):
     self.num_heads = num_heads
     self.head_size = head_size
     self.window_length = window_length
+    self.attention_block_length = (attention.block_length_for(window_length,
+                                                              attention_block_length)
+                                   if attention_block_length else 0)
     self.use_long_xl_architecture = use_long_xl_architecture
     self.relative_position_type = relative_position_type
     self.attn_dropout_rate = attn_dropout_rate
@@ -388,16 +416,16 @@ class TransformerLayer(tf.Module):
       previous_values = tf.where(reset, tf.zeros_like(values[:, :window]), state["values"])
       attn = attention.sliding_window_attention(
           queries, keys, values, previous_keys, previous_values, window,
-          bias=self._position_bias(window, 2 * window), scale=scale,
+          position_bias=self._position_bias, scale=scale,
           dropout_multiplier=self._attention_dropout(window, 2 * window, training, seed),
-          rotary_wavelength=rotary)
+          rotary_wavelength=rotary, block_length=self.attention_block_length)
       new_state = {"keys": keys[:, -window:], "values": values[:, -window:]}
     else:
       length = x.shape[1]
       attn = attention.causal_attention(
-          queries, keys, values, bias=self._position_bias(length, length), scale=scale,
+          queries, keys, values, position_bias=self._position_bias, scale=scale,
           dropout_multiplier=self._attention_dropout(length, length, training, seed),
-          rotary_wavelength=rotary)
+          rotary_wavelength=rotary, block_length=self.attention_block_length)
       new_state = {}
       previous_keys = previous_values = None
     if self.memory is not None:
@@ -421,6 +449,7 @@ class TransformerLayer(tf.Module):
     y = self.tbase.post_attn_ffn(x, attn, cross_attn, training=training, seed=seed)
     return y, new_state
 
+  @profiling.scoped("memory")
   def _memory_attention(self, attn, keys, values, queries, start_of_sequence, state,
                         training, diagnostics):
     """Mixes local attention with attention over the memory, then stores this segment.
@@ -449,6 +478,7 @@ class TransformerLayer(tf.Module):
     mixed = self.read_memory(attn, queries, state, neighbors, diagnostics)
     return mixed, self.memory.write(state, keys, values)
 
+  @profiling.scoped("memory")
   def read_memory(self, attn, queries, state, neighbors=None, diagnostics=None):
     """Mixes local attention with attention over each query's K neighbours in memory.
 
@@ -476,6 +506,7 @@ class TransformerLayer(tf.Module):
     gate = tf.cast(gate, attn.dtype)[:, None]
     return (1.0 - gate) * attn + gate * tf.cast(external, attn.dtype)
 
+  @profiling.scoped("recurrence")
   def _recurrence(self, start_of_sequence, state, keys, values, queries2, previous_keys,
                   previous_values, diagnostics):
     """Runs the cell over the windows; returns (token->state attention, final state).

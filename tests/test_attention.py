@@ -42,8 +42,20 @@ def naive_band_attention(q, k, v, window, bias_table=None, scale=None):
   return out
 
 
-@pytest.mark.parametrize("window,num_windows", [(4, 3), (8, 2), (16, 1)])
-def test_windowed_attention_equals_band_masked_attention(window, num_windows):
+def t5_bias(table):
+  """position_bias for the attention functions from a T5 table [H, 32]."""
+  return lambda nq, nk: tf.gather(
+      table, positions.t5_relative_bucket(positions.relative_positions(nq, nk)), axis=1)
+
+
+# (window, windows per segment, block length): 0 is window by window against 2W keys; a
+# block length as long as the window gives bands of 2W keys; shorter blocks, bands of W + b.
+WINDOW_CASES = [(4, 3, 0), (8, 2, 0), (16, 1, 0), (4, 3, 4), (4, 3, 2), (8, 2, 2),
+                (16, 1, 4), (16, 1, 16)]
+
+
+@pytest.mark.parametrize("window,num_windows,block_length", WINDOW_CASES)
+def test_windowed_attention_equals_band_masked_attention(window, num_windows, block_length):
   rng = np.random.default_rng(0)
   batch, heads, size = 2, 3, 5
   length = window * num_windows
@@ -52,11 +64,9 @@ def test_windowed_attention_equals_band_masked_attention(window, num_windows):
   v = rng.normal(size=(batch, window + length, heads, size)).astype(np.float32)
   table = rng.normal(size=(heads, 32)).astype(np.float32)
   scale = rng.uniform(0.5, 2.0, size=heads).astype(np.float32)
-  bias = tf.gather(table, positions.t5_relative_bucket(
-      positions.relative_positions(window, 2 * window)), axis=1)
   got = attention.sliding_window_attention(
       q, k[:, window:], v[:, window:], k[:, :window], v[:, :window], window,
-      bias=bias, scale=scale)
+      position_bias=t5_bias(table), scale=scale, block_length=block_length)
   want = naive_band_attention(q.astype(np.float64), k.astype(np.float64),
                               v.astype(np.float64), window, table, scale)
   np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
@@ -126,3 +136,108 @@ def test_l2_normalize_puts_epsilon_inside_the_root():
   np.testing.assert_allclose(attention.l2_normalize(x).numpy(),
                              [[3 / np.sqrt(25 + 1e-6), 4 / np.sqrt(25 + 1e-6)], [0, 0]],
                              rtol=1e-6)
+
+
+def whole_sequence_attention(q, k, v, window, position_bias, scale, dropout_multiplier):
+  """Independent reference: one band-masked attention over cache + segment, by autodiff.
+
+  q: [B, N, H, d]; k, v: [B, W + N, H, d] (the cache first). The per-window dropout mask
+  [H, W, 2W] is laid out over the whole [H, N, W + N] score matrix: query i of window t sees
+  key j of the segment with cache as key j - t W of its window's 2W keys.
+  """
+  length = q.shape[1]
+  whole = None
+  if dropout_multiplier is not None:
+    per_window = np.asarray(dropout_multiplier)
+    whole = np.ones([per_window.shape[0], length, window + length], np.float32)
+    for i in range(length):
+      t, r = divmod(i, window)
+      whole[:, i, t * window:t * window + 2 * window] = per_window[:, r]
+  return attention.simple_attention(
+      k, v, q, bias=position_bias(length, window + length), scale=scale,
+      mask=attention.sliding_window_mask(length, window + length, window),
+      dropout_multiplier=whole)
+
+
+@pytest.mark.parametrize("window,num_windows,block_length", WINDOW_CASES)
+def test_windowed_attention_gradients_equal_whole_sequence_gradients(window, num_windows,
+                                                                      block_length):
+  rng = np.random.default_rng(1)
+  batch, heads, size = 2, 2, 4
+  length = window * num_windows
+  q = tf.constant(rng.normal(size=(batch, length, heads, size)), tf.float32)
+  k = tf.constant(rng.normal(size=(batch, window + length, heads, size)), tf.float32)
+  v = tf.constant(rng.normal(size=(batch, window + length, heads, size)), tf.float32)
+  table = tf.Variable(rng.normal(size=(heads, 32)), dtype=tf.float32)
+  scale = tf.Variable(rng.uniform(0.5, 2.0, size=heads), dtype=tf.float32)
+  dropout = tf.constant((rng.uniform(size=(heads, window, 2 * window)) < 0.8) / 0.8,
+                        tf.float32)
+  upstream = tf.constant(rng.normal(size=(batch, length, heads, size)), tf.float32)
+
+  def gradients(fn):
+    with tf.GradientTape() as tape:
+      tape.watch([q, k, v])
+      loss = tf.reduce_sum(fn() * upstream)
+    return tape.gradient(loss, [q, k, v, table, scale])
+
+  got = gradients(lambda: attention.sliding_window_attention(
+      q, k[:, window:], v[:, window:], k[:, :window], v[:, :window], window,
+      position_bias=t5_bias(table), scale=scale, dropout_multiplier=dropout,
+      block_length=block_length))
+  want = gradients(lambda: whole_sequence_attention(q, k, v, window, t5_bias(table), scale,
+                                                    dropout))
+  for name, g, w in zip(["queries", "keys", "values", "bias table", "scale"], got, want):
+    np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(),
+                               tf.convert_to_tensor(w).numpy(), rtol=2e-4, atol=2e-5,
+                               err_msg=name)
+
+
+def test_blocked_attention_under_xla_equals_window_by_window():
+  rng = np.random.default_rng(2)
+  q, k, v = (tf.constant(rng.normal(size=(1, 16, 2, 4)), tf.float32) for _ in range(3))
+  cache_k, cache_v = (tf.constant(rng.normal(size=(1, 8, 2, 4)), tf.float32) for _ in range(2))
+  scale = tf.constant([1.5, 0.7])
+
+  def run(block_length):
+    fn = tf.function(lambda q, k, v: attention.sliding_window_attention(
+        q, k, v, cache_k, cache_v, 8, scale=scale, block_length=block_length),
+                     jit_compile=True)
+    return fn(q, k, v).numpy()
+
+  np.testing.assert_allclose(run(4), run(0), rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_blocked_attention_equals_window_by_window():
+  rng = np.random.default_rng(3)
+  q, k, v = (tf.constant(rng.normal(size=(2, 16, 2, 8)), tf.float32) for _ in range(3))
+  cache_k, cache_v = (tf.constant(rng.normal(size=(2, 8, 2, 8)), tf.float32) for _ in range(2))
+  run = lambda block_length: attention.sliding_window_attention(
+      q, k, v, cache_k, cache_v, 8, rotary_wavelength=10000, block_length=block_length)
+  np.testing.assert_allclose(run(4).numpy(), run(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_heads_first_causal_attention_and_its_gradients_equal_op_by_op():
+  rng = np.random.default_rng(4)
+  q, k, v = (tf.constant(rng.normal(size=(2, 6, 3, 4)), tf.float32) for _ in range(3))
+  table = tf.Variable(rng.normal(size=(3, 32)), dtype=tf.float32)
+  scale = tf.Variable([0.5, 1.0, 2.0])
+  dropout = tf.constant((rng.uniform(size=(3, 6, 6)) < 0.7) / 0.7, tf.float32)
+
+  def run(block_length):
+    with tf.GradientTape() as tape:
+      tape.watch([q, k, v])
+      out = attention.causal_attention(q, k, v, position_bias=t5_bias(table), scale=scale,
+                                       dropout_multiplier=dropout, block_length=block_length)
+      loss = tf.reduce_sum(out * tf.range(1.0, 5.0))
+    return [out] + tape.gradient(loss, [q, k, v, table, scale])
+
+  for got, want in zip(run(128), run(0)):
+    np.testing.assert_allclose(tf.convert_to_tensor(got).numpy(),
+                               tf.convert_to_tensor(want).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,target,expected", [(256, 128, 128), (512, 128, 128),
+                                                    (96, 128, 96), (100, 64, 50), (7, 4, 1)])
+def test_block_length_is_the_longest_divisor_of_the_window_up_to_the_target(window, target,
+                                                                             expected):
+  assert attention.block_length_for(window, target) == expected
