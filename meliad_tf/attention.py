@@ -195,11 +195,12 @@ def sliding_window_attention(queries, keys, values, previous_keys, previous_valu
   * `block_length = 0`, window by window as Meliad computes it: all windows of the segment
     at once, window t attending to the 2W keys of window t-1 (the XL cache for t = 0) and
     its own under the band mask, half of which is masked; the gradient is TensorFlow's.
-  * `block_length = b` (a divisor of W), in blocks: every block of b queries attends to
-    the W + b keys that end with it (its W-token band and nothing further), so only
-    (W + b) / 2W of the scores are computed; `attend_heads_first` gives the gradient.
-    Meliad's attention dropout mask [H, W, 2W] is cut into the blocks' parts, so the same
-    probabilities are dropped.
+  * `block_length = b` (a divisor of W shorter than W), in blocks: every block of b
+    queries attends to the W + b keys that end with it (its W-token band and nothing
+    further), so only (W + b) / 2W of the scores are computed; `attend_heads_first` gives
+    the gradient. Meliad's attention dropout mask [H, W, 2W] is cut into the blocks' parts,
+    so the same probabilities are dropped. A block as long as the window would compute
+    what window by window does, and is computed that way.
 
   Args:
     queries, keys, values: [B, N, H, d].
@@ -214,7 +215,7 @@ def sliding_window_attention(queries, keys, values, previous_keys, previous_valu
   Returns:
     [B, N, H, d].
   """
-  if not block_length:
+  if not block_length or block_length == window_length:
     window_k = window_keys(keys, previous_keys, window_length)
     window_v = window_keys(values, previous_values, window_length)
     window_q = split_windows(queries, window_length)
@@ -276,26 +277,18 @@ def band_keys(keys, previous_keys, block_length):
 
 @profiling.scoped("attention")
 def causal_attention(queries, keys, values, *, position_bias=None, scale=None,
-                     dropout_multiplier=None, rotary_wavelength=None, block_length=0):
+                     dropout_multiplier=None, rotary_wavelength=None):
   """Attention without an XL cache (window = segment): token i sees tokens 0..i-1 only.
 
-  Token 0 sees nothing and, through the safe softmax, gets a zero output. With a
-  `block_length`, the same arithmetic on heads-first tensors with `attend_heads_first`'s
-  gradient; without, op by op as in Meliad.
+  Token 0 sees nothing and, through the safe softmax, gets a zero output.
   """
   length = queries.shape[1]
   if rotary_wavelength is not None:
     keys, queries = positions.rotate_keys_and_queries(keys, queries, rotary_wavelength)
   mask = sliding_window_mask(length, length, length)
   bias = position_bias(length, length) if position_bias else None
-  if not block_length:
-    return simple_attention(keys, values, queries, bias=bias, scale=scale, mask=mask,
-                            dropout_multiplier=dropout_multiplier)
-  heads_first = lambda x: tf.transpose(x, [0, 2, 1, 3])
-  out = attend_heads_first(heads_first(queries), heads_first(keys), heads_first(values),
-                           bias=bias, scale=scale, mask=mask,
-                           dropout_multiplier=dropout_multiplier)
-  return heads_first(out)
+  return simple_attention(keys, values, queries, bias=bias, scale=scale, mask=mask,
+                          dropout_multiplier=dropout_multiplier)
 
 
 def l2_normalize(x, epsilon=1e-6):

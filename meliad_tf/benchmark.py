@@ -4,6 +4,7 @@ Numbers are measured in-process on whatever device TensorFlow uses; compare vari
 ratios from one run, on an otherwise idle machine.
 """
 
+import statistics
 import time
 
 import gin
@@ -25,20 +26,45 @@ def best_seconds(fn, repeats):
   return best
 
 
-def matmul_peak_gflops(size=2048, repeats=5):
-  """Float32 square matmul throughput: numpy, TensorFlow graph, TensorFlow XLA."""
+def matmul_peak_gflops(size=2048, repeats=5, dtype=tf.float32):
+  """Square matmul throughput in `dtype`: TensorFlow graph, TensorFlow XLA, and numpy (for
+  float32 on the CPU), in GFLOP/s, on the device TensorFlow places ops on."""
   rng = np.random.default_rng(0)
   a = rng.standard_normal((size, size), dtype=np.float32)
   b = rng.standard_normal((size, size), dtype=np.float32)
   flops = 2.0 * size ** 3
-  ta, tb = tf.constant(a), tf.constant(b)
-  graph = tf.function(lambda: tf.reduce_sum(tf.matmul(ta, tb)))
-  xla = tf.function(lambda: tf.reduce_sum(tf.matmul(ta, tb)), jit_compile=True)
-  return {
-      "numpy": flops / best_seconds(lambda: a @ b, repeats) / 1e9,
+  ta, tb = tf.cast(a, dtype), tf.cast(b, dtype)
+  product = lambda: tf.reduce_sum(tf.cast(tf.matmul(ta, tb), tf.float32))
+  graph = tf.function(product)
+  xla = tf.function(product, jit_compile=True)
+  peak = {
       "tensorflow": flops / best_seconds(lambda: graph().numpy(), repeats) / 1e9,
       "xla": flops / best_seconds(lambda: xla().numpy(), repeats) / 1e9,
   }
+  if tf.as_dtype(dtype) == tf.float32 and not tf.config.list_logical_devices("GPU"):
+    peak["numpy"] = flops / best_seconds(lambda: a @ b, repeats) / 1e9
+  return {name: round(value, 1) for name, value in peak.items()}
+
+
+def select_device(device_bench):
+  """What a benchmark adds for its device: (extra gin files, compute dtype).
+
+  With `device_bench`, the first GPU in bfloat16; it raises SystemExit with a message when
+  TensorFlow sees no GPU. Otherwise the CPU in float32, GPUs hidden (call before any op).
+  """
+  if device_bench:
+    if not tf.config.list_physical_devices("GPU"):
+      raise SystemExit("--device_bench needs a GPU, and TensorFlow sees none "
+                       "(tf.config.list_physical_devices('GPU') is empty)")
+    return ["options/bfloat16.gin"], tf.bfloat16
+  tf.config.set_visible_devices([], "GPU")
+  return [], tf.float32
+
+
+def device_name():
+  """The device the benchmark ran on, as TensorFlow names it."""
+  gpus = tf.config.list_logical_devices("GPU")
+  return gpus[0].name if gpus else "CPU"
 
 
 def model_flops_per_token(trainer):
@@ -92,50 +118,107 @@ def configure(gin_files, gin_params=()):
                                                  "Trainer.test_every_steps = 0"])
 
 
-def time_steps(gin_files, gin_params=(), steps=5, peak_gflops=None):
-  """Builds a trainer from gin and times its training and evaluation steps.
+class TimedTrainer:
+  """A trainer built and compiled under its own gin configuration, then timed step by step.
 
-  Returns a dict with compile seconds, milliseconds per step, tokens per second, and the
-  model FLOPs utilisation against `peak_gflops` (training counts 3x the forward FLOPs).
+  Building and the first call of each step (which traces and compiles it) happen while its
+  configuration is parsed; later calls reuse the compiled steps, so several TimedTrainers
+  can be timed in alternation (`alternate`), each round seeing the same machine load.
+
+  Args:
+    gin_files, gin_params: the configuration.
+    prepare: optional function called with the built trainer before compiling (e.g. to
+      fill its memories).
+    time_compiled_step: each round also times the compiled training step alone, for the
+      host's share of the training loop's step (`host_ms_per_train_step`).
   """
-  configure(gin_files, gin_params)
-  trainer = trainer_lib.Trainer().build()
-  tokens = trainer.global_batch_size * trainer.sequence_length
-  start = time.perf_counter()
-  trainer.train_step()
-  compile_train = time.perf_counter() - start
-  train = min(_timed(trainer.train_step) for _ in range(steps))
-  _, batch = trainer._next_batch(trainer.train_iterator)  # pylint: disable=protected-access
-  start = time.perf_counter()
-  _to_numpy(trainer._test_step(batch))  # pylint: disable=protected-access
-  compile_eval = time.perf_counter() - start
-  evaluation = min(_timed(lambda: _to_numpy(trainer._test_step(batch)))  # pylint: disable=protected-access
-                   for _ in range(steps))
-  flops = model_flops_per_token(trainer) * tokens
-  result = {
-      "config": list(gin_files) + list(gin_params),
-      "jit_compile": trainer.jit_compile,
-      "tokens_per_step": tokens,
-      "compile_seconds_train": round(compile_train, 2),
-      "compile_seconds_eval": round(compile_eval, 2),
-      "ms_per_train_step": round(train * 1e3, 1),
-      "ms_per_eval_step": round(evaluation * 1e3, 1),
-      "train_tokens_per_second": round(tokens / train, 1),
-      "eval_tokens_per_second": round(tokens / evaluation, 1),
-      "train_gflop_per_step": round(3 * flops / 1e9, 2),
-  }
-  if peak_gflops:
-    result["train_mfu"] = round(3 * flops / train / 1e9 / peak_gflops, 3)
-    result["eval_mfu"] = round(flops / evaluation / 1e9 / peak_gflops, 3)
-  gin.clear_config()
-  return result
+
+  def __init__(self, gin_files, gin_params=(), prepare=None, time_compiled_step=False):
+    self.config = list(gin_files) + list(gin_params)
+    configure(gin_files, gin_params)
+    self.trainer = trainer_lib.Trainer().build()
+    if prepare is not None:
+      prepare(self.trainer)
+    self.tokens = self.trainer.global_batch_size * self.trainer.sequence_length
+    self.flops_per_token = model_flops_per_token(self.trainer)
+    # pylint: disable-next=protected-access
+    _, self.batch = self.trainer._next_batch(self.trainer.train_iterator)
+    self.compile_train = _seconds(self.train_step)
+    self.compile_eval = _seconds(self.eval_step)
+    gin.clear_config()
+    self.time_compiled_step = time_compiled_step
+    self.train_times, self.eval_times, self.compiled_train_times = [], [], []
+
+  def train_step(self):
+    """One step of the training loop: the next batch from the pipeline, the compiled step,
+    and its metrics fetched to the host."""
+    self.trainer.train_step()
+
+  def compiled_train_step(self):
+    """The compiled training step alone, on a batch already on the device."""
+    # pylint: disable-next=protected-access
+    for value in self.trainer._train_step(self.batch).values():
+      value.numpy()
+
+  def eval_step(self):
+    # pylint: disable-next=protected-access
+    for value in self.trainer._test_step(self.batch).values():
+      value.numpy()  # waits for the step to finish
+
+  def time_round(self):
+    self.train_times.append(_seconds(self.train_step))
+    if self.time_compiled_step:
+      self.compiled_train_times.append(_seconds(self.compiled_train_step))
+    self.eval_times.append(_seconds(self.eval_step))
+
+  def summary(self, peak_gflops=None, first_round=0):
+    """Step times (best and median over the rounds from `first_round` on), tokens per
+    second and MFU.
+
+    With `time_compiled_step`, `host_ms_per_train_step` is what the training loop's step
+    costs beyond the compiled step (reading the next batch, fetching the metrics), best
+    against best.
+    """
+    train_times = self.train_times[first_round:]
+    eval_times = self.eval_times[first_round:]
+    compiled_times = self.compiled_train_times[first_round:]
+    train, evaluation = min(train_times), min(eval_times)
+    flops = self.flops_per_token * self.tokens
+    result = {
+        "config": self.config,
+        "jit_compile": self.trainer.jit_compile,
+        "tokens_per_step": self.tokens,
+        "compile_seconds_train": round(self.compile_train, 2),
+        "compile_seconds_eval": round(self.compile_eval, 2),
+        "ms_per_train_step": round(train * 1e3, 1),
+        "ms_per_train_step_median": round(statistics.median(train_times) * 1e3, 1),
+        "ms_per_eval_step": round(evaluation * 1e3, 1),
+        "ms_per_eval_step_median": round(statistics.median(eval_times) * 1e3, 1),
+        "train_tokens_per_second": round(self.tokens / train, 1),
+        "eval_tokens_per_second": round(self.tokens / evaluation, 1),
+        "eval_over_train_tokens_per_second": round(train / evaluation, 2),
+        "train_gflop_per_step": round(3 * flops / 1e9, 2),
+    }
+    if compiled_times:
+      result["host_ms_per_train_step"] = round((train - min(compiled_times)) * 1e3, 1)
+    if peak_gflops:
+      result["train_mfu"] = round(3 * flops / train / 1e9 / peak_gflops, 3)
+      result["eval_mfu"] = round(flops / evaluation / 1e9 / peak_gflops, 3)
+    return result
 
 
-def _timed(fn):
+def alternate(timed, rounds):
+  """Times one round of every TimedTrainer in `timed` (a dict or list), `rounds` times."""
+  for _ in range(rounds):
+    for t in (timed.values() if isinstance(timed, dict) else timed):
+      t.time_round()
+
+
+def ratio(numerator, denominator, key):
+  return round(numerator[key] / denominator[key], 3)
+
+
+def _seconds(fn):
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
-
-
-def _to_numpy(metrics):
-  return {k: v.numpy() for k, v in metrics.items()}

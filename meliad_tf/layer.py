@@ -252,8 +252,9 @@ class TransformerLayer(tf.Module):
     is_recurrent, memory, cross_attention: set by the stack for special layers.
     attention_block_length: queries per block of the sliding-window attention, which then
       computes only the band of W keys each block needs (the longest divisor of W up to this
-      value); 0 computes it window by window against 2W keys, as Meliad, the masked half
-      included. The same arithmetic either way; see attention.sliding_window_attention.
+      value; with the XL architecture and a window longer than it); 0 computes it window by
+      window against 2W keys, as Meliad, the masked half included. The same arithmetic
+      either way; see attention.sliding_window_attention.
     dtype: compute dtype.
   """
 
@@ -425,7 +426,7 @@ class TransformerLayer(tf.Module):
       attn = attention.causal_attention(
           queries, keys, values, position_bias=self._position_bias, scale=scale,
           dropout_multiplier=self._attention_dropout(length, length, training, seed),
-          rotary_wavelength=rotary, block_length=self.attention_block_length)
+          rotary_wavelength=rotary)
       new_state = {}
       previous_keys = previous_values = None
     if self.memory is not None:

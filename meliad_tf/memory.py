@@ -165,11 +165,22 @@ class ExternalMemory:
 
   @profiling.scoped("reset")
   def reset(self, state, start_of_sequence):
-    """Empties the memory of every stream whose document starts here (others untouched)."""
+    """Empties the memory of every stream whose document starts here (others untouched).
+
+    The databases are rewritten only in a step where some document starts: a `where` over
+    them reads and writes all of every stream's memory (2 x 268 MB for small_test at 32k),
+    while a step without a start, the usual case, keeps them as they are, in place.
+    """
     start = tf.convert_to_tensor(start_of_sequence)
     rows = start[:, None, None, None]
-    return {"keys": tf.where(rows, tf.zeros_like(state["keys"]), state["keys"]),
-            "values": tf.where(rows, tf.zeros_like(state["values"]), state["values"]),
+
+    def emptied():
+      return (tf.where(rows, tf.zeros_like(state["keys"]), state["keys"]),
+              tf.where(rows, tf.zeros_like(state["values"]), state["values"]))
+
+    keys, values = tf.cond(tf.reduce_any(start), emptied,
+                           lambda: (tf.identity(state["keys"]), tf.identity(state["values"])))
+    return {"keys": keys, "values": values,
             "index": tf.where(start, tf.zeros_like(state["index"]), state["index"])}
 
   @profiling.scoped("search")

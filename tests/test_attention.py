@@ -48,8 +48,8 @@ def t5_bias(table):
       table, positions.t5_relative_bucket(positions.relative_positions(nq, nk)), axis=1)
 
 
-# (window, windows per segment, block length): 0 is window by window against 2W keys; a
-# block length as long as the window gives bands of 2W keys; shorter blocks, bands of W + b.
+# (window, windows per segment, block length): 0, or a block as long as the window, is window
+# by window against 2W keys; shorter blocks attend to bands of W + b keys.
 WINDOW_CASES = [(4, 3, 0), (8, 2, 0), (16, 1, 0), (4, 3, 4), (4, 3, 2), (8, 2, 2),
                 (16, 1, 4), (16, 1, 16)]
 
@@ -216,24 +216,31 @@ def test_rotary_blocked_attention_equals_window_by_window():
   np.testing.assert_allclose(run(4).numpy(), run(0).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_heads_first_causal_attention_and_its_gradients_equal_op_by_op():
+def test_heads_first_attention_and_its_gradients_equal_op_by_op_attention():
+  # Every optional input at once, and a fully masked first row (the safe softmax's zeros).
   rng = np.random.default_rng(4)
   q, k, v = (tf.constant(rng.normal(size=(2, 6, 3, 4)), tf.float32) for _ in range(3))
-  table = tf.Variable(rng.normal(size=(3, 32)), dtype=tf.float32)
+  bias = tf.Variable(rng.normal(size=(3, 6, 6)), dtype=tf.float32)
   scale = tf.Variable([0.5, 1.0, 2.0])
   dropout = tf.constant((rng.uniform(size=(3, 6, 6)) < 0.7) / 0.7, tf.float32)
+  mask = attention.sliding_window_mask(6, 6, 6)
+  heads_first = lambda x: tf.transpose(x, [0, 2, 1, 3])
 
-  def run(block_length):
+  def run(fn):
     with tf.GradientTape() as tape:
       tape.watch([q, k, v])
-      out = attention.causal_attention(q, k, v, position_bias=t5_bias(table), scale=scale,
-                                       dropout_multiplier=dropout, block_length=block_length)
+      out = fn()
       loss = tf.reduce_sum(out * tf.range(1.0, 5.0))
-    return [out] + tape.gradient(loss, [q, k, v, table, scale])
+    return [out] + tape.gradient(loss, [q, k, v, bias, scale])
 
-  for got, want in zip(run(128), run(0)):
-    np.testing.assert_allclose(tf.convert_to_tensor(got).numpy(),
-                               tf.convert_to_tensor(want).numpy(), rtol=1e-4, atol=1e-5)
+  got = run(lambda: heads_first(attention.attend_heads_first(
+      heads_first(q), heads_first(k), heads_first(v), bias=bias, scale=scale, mask=mask,
+      dropout_multiplier=dropout)))
+  want = run(lambda: attention.simple_attention(k, v, q, bias=bias, scale=scale, mask=mask,
+                                                dropout_multiplier=dropout))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(),
+                               tf.convert_to_tensor(w).numpy(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("window,target,expected", [(256, 128, 128), (512, 128, 128),

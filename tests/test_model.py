@@ -11,7 +11,8 @@ from meliad_tf import task_config as task_config_lib
 
 
 def tiny_model(position_type="t5", window=4, sequence_length=8, batch_size=2, vocab_size=50,
-               use_xl=True, seed=0, **stack_kwargs):
+               use_xl=True, seed=0, attention_block_length=0, fuse_projections=True,
+               dropout_rate=0.0, **stack_kwargs):
   tf.random.set_seed(seed)
   config = task_config_lib.TransformerTaskConfig(
       sequence_length=sequence_length, batch_size=batch_size, vocab_size=vocab_size)
@@ -19,13 +20,18 @@ def tiny_model(position_type="t5", window=4, sequence_length=8, batch_size=2, vo
   def layer_factory(**kwargs):
     return layer.TransformerLayer(num_heads=2, head_size=8, window_length=window,
                                   use_long_xl_architecture=use_xl,
-                                  relative_position_type=position_type, **kwargs)
+                                  relative_position_type=position_type,
+                                  attention_block_length=attention_block_length,
+                                  attn_dropout_rate=dropout_rate, **kwargs)
 
   def decoder_factory(task_config):
     return decoder.DecoderStack(task_config, num_layers=2, embedding_size=16,
                                 layer_factory=layer_factory, **stack_kwargs)
 
-  return model.DecoderOnlyLanguageModel(config, decoder_factory=decoder_factory)
+  lm = model.DecoderOnlyLanguageModel(config, decoder_factory=decoder_factory)
+  for each in lm.decoder.layers:
+    each.tbase.fuse_projections = fuse_projections
+  return lm
 
 
 def run_segments(lm, tokens, segment_length, first_start=True):
@@ -39,13 +45,36 @@ def run_segments(lm, tokens, segment_length, first_start=True):
   return tf.concat(logits, axis=1), state
 
 
+@pytest.mark.parametrize("block_length", [0, 2])
 @pytest.mark.parametrize("position_type", ["t5", "fourier", "rotary", None])
-def test_cached_segments_equal_one_long_segment(position_type):
-  lm = tiny_model(position_type)
+def test_cached_segments_equal_one_long_segment(position_type, block_length):
+  lm = tiny_model(position_type, attention_block_length=block_length)
   tokens = tf.random.uniform([2, 32], 1, 50, tf.int32, seed=1)
   by_segment, _ = run_segments(lm, tokens, 8)
   whole, _ = lm.decoder(tokens, tf.fill([2], True), lm.initial_state(2))
   np.testing.assert_allclose(by_segment.numpy(), whole.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("position_type", ["t5", "rotary"])
+def test_optimised_paths_give_the_reference_loss_and_gradients(position_type):
+  # Banded attention with its written-out gradient and the fused projections against window
+  # by window attention and one product per kernel, dropout included.
+  batch = {"targets": tf.random.uniform([2, 8], 1, 50, tf.int32, seed=3),
+           "start_of_sequence": tf.constant([True, False])}
+
+  def loss_and_gradients(**options):
+    lm = tiny_model(position_type, dropout_rate=0.2, **options)
+    state = tf.nest.map_structure(lambda x: x + 0.1, lm.initial_state(2))
+    with tf.GradientTape() as tape:
+      loss, _, new_state = lm(batch, state, training=True, seed=tf.constant([5, 6], tf.int64))
+    return [loss] + list(tape.gradient(loss, lm.trainable_variables)) + tf.nest.flatten(new_state)
+
+  got = loss_and_gradients(attention_block_length=2, fuse_projections=True)
+  want = loss_and_gradients(attention_block_length=0, fuse_projections=False)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(),
+                               tf.convert_to_tensor(w).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_start_of_sequence_resets_only_its_stream():

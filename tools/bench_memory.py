@@ -1,7 +1,7 @@
 """meliad-bench memory: cost of the kNN memory per backend and size, and recall, as JSON.
 
   meliad-bench memory [--config=small_test] [--sizes=8,32,64,128]
-                      [--backends=bucketed,exact,approx_max_k,scann] [--steps=3]
+                      [--backends=bucketed,exact,approx_max_k,scann] [--rounds=3]
                       [--recall_sizes=8,32,128] [--gin_param=...] [--skip_timing]
                       [--skip_recall]
 
@@ -10,9 +10,10 @@ the same config without memory, all in one run. The memory is filled with random
 keys before timing (a full memory is the costly case: the dense search does not care,
 but ScaNN does), and documents are made long enough that no stream resets while timed.
 The on-device backends run XLA steps; scann runs graph-mode steps (XLA cannot call the
-host), so it is compared with a graph-mode baseline too. Wall-clock seconds are the
-minimum over the timed steps; process CPU seconds (all threads) are reported as well,
-since on a shared machine they move less than wall time.
+host), so it is compared with a graph-mode baseline (and with the XLA one when the sweep
+has one). Each configuration is timed in alternation with its baseline, one step of each
+per round, so that both see the same machine load; times are the best of the rounds,
+with medians.
 
 Recall@K against exact search, on keys drawn around 64 random centres (unit vectors
 with noise, a clustered set like real attention keys) with queries from the same
@@ -31,13 +32,13 @@ import tensorflow as tf
 from meliad_tf import benchmark
 from meliad_tf import host_memory
 from meliad_tf import memory as memory_lib
-from meliad_tf import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small_test", "Size config under configs/size/.")
 flags.DEFINE_list("sizes", ["8", "32", "64", "128"], "Memory sizes in thousands of entries.")
 flags.DEFINE_list("backends", list(memory_lib.BACKENDS), "Backends to time.")
-flags.DEFINE_integer("steps", 3, "Timed steps per measurement (the best is reported).")
+flags.DEFINE_integer("rounds", 3, "Timed rounds per memory configuration, each one step "
+                     "of it and one of its baseline (the best is reported).")
 flags.DEFINE_list("recall_sizes", ["8", "32", "128"], "Memory sizes for recall, thousands.")
 flags.DEFINE_integer("recall_queries", 512, "Queries per recall measurement.")
 flags.DEFINE_integer("num_neighbors", 128, "K for the recall measurement.")
@@ -67,54 +68,47 @@ def _fill_memories(trainer, rng):
     state.after_restore()
 
 
-def _timed(fn, steps):
-  fn()  # compilation, and for scann the indices' first build
-  walls, cpus = [], []
-  for _ in range(steps):
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    walls.append(time.perf_counter() - wall)
-    cpus.append(time.process_time() - cpu)
-  return min(walls), min(cpus)
-
-
-def time_config(gin_files, gin_params, steps):
-  """Train and eval step times of one configuration, memory full."""
-  benchmark.configure(gin_files, list(gin_params) + _LONG_DOCUMENTS + FLAGS.gin_param)
-  trainer = trainer_lib.Trainer().build()
-  _fill_memories(trainer, np.random.default_rng(0))
-  _, batch = trainer._next_batch(trainer.test_iterator or trainer.train_iterator)  # pylint: disable=protected-access
-  train_wall, train_cpu = _timed(trainer.train_step, steps)
-  eval_wall, eval_cpu = _timed(
-      lambda: {k: v.numpy() for k, v in trainer._test_step(batch).items()}, steps)  # pylint: disable=protected-access
-  return {"jit_compile": trainer.jit_compile,
-          "train_seconds": round(train_wall, 3), "train_cpu_seconds": round(train_cpu, 3),
-          "eval_seconds": round(eval_wall, 3), "eval_cpu_seconds": round(eval_cpu, 3)}
+def _timed(gin_files, gin_params=()):
+  """A TimedTrainer of one configuration, memory full."""
+  return benchmark.TimedTrainer(
+      gin_files, list(gin_params) + _LONG_DOCUMENTS + FLAGS.gin_param,
+      prepare=lambda trainer: _fill_memories(trainer, np.random.default_rng(0)))
 
 
 def _ratios(result, baseline):
-  return {f"{key}_ratio": round(result[key] / baseline[key], 2)
-          for key in ("train_seconds", "train_cpu_seconds", "eval_seconds", "eval_cpu_seconds")}
+  return {f"{key}_ratio": benchmark.ratio(result, baseline, key)
+          for key in ("ms_per_train_step", "ms_per_eval_step")}
 
 
 def timings():
+  """Each memory configuration timed in alternation with the baseline of its step mode.
+
+  The baselines live through the whole sweep; each memory configuration is built, timed
+  for --rounds rounds against its baseline and released before the next.
+  """
   base = ["base_htrans.gin", f"size/{FLAGS.config}.gin"]
-  baselines = {jit: time_config(base, [f"Trainer.jit_compile = {jit}"], FLAGS.steps)
-               for jit in (True, False)}
+  jit_modes = sorted({backend != "scann" for backend in FLAGS.backends}, reverse=True)
+  baselines = {jit: _timed(base, [f"Trainer.jit_compile = {jit}"]) for jit in jit_modes}
   results = []
   for size in FLAGS.sizes:
     for backend in FLAGS.backends:
-      files = base + [f"options/external_memory_{size}k.gin",
-                      f"options/memory_backend_{backend}.gin"]
-      result = time_config(files, [], FLAGS.steps)
-      result.update(size=f"{size}k", backend=backend)
-      result.update(_ratios(result, baselines[result["jit_compile"]]))
-      if not result["jit_compile"]:
-        result["vs_xla_baseline"] = _ratios(result, baselines[True])
+      timed = _timed(base + [f"options/external_memory_{size}k.gin",
+                             f"options/memory_backend_{backend}.gin"])
+      baseline = baselines[timed.trainer.jit_compile]
+      before = len(baseline.train_times)
+      benchmark.alternate([baseline, timed], FLAGS.rounds)
+      result = timed.summary()
+      # The baseline's rounds alongside this configuration only.
+      paired = baseline.summary(first_round=before)
+      result.update(size=f"{size}k", backend=backend, baseline=paired)
+      result.update(_ratios(result, paired))
+      if not timed.trainer.jit_compile and True in baselines:
+        result["vs_xla_baseline"] = _ratios(result, baselines[True].summary(first_round=before))
       results.append(result)
-      print(json.dumps(result), file=sys.stderr)
-  return {"baseline_xla": baselines[True], "baseline_graph": baselines[False],
-          "memory": results}
+      print(json.dumps({k: v for k, v in result.items() if k != "baseline"}), file=sys.stderr)
+      del timed
+  return {f"baseline_{'xla' if jit else 'graph'}": baseline.summary()
+          for jit, baseline in baselines.items()} | {"memory": results}
 
 
 def _clustered(rng, count, dim, centres):
