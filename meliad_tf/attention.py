@@ -120,6 +120,10 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
   inputs += [tf.convert_to_tensor(bias, tf.float32)] if has_bias else []
   inputs += [tf.cast(scale, tf.float32)] if has_scale else []
 
+  # The gradient is built where the tape asks for it, outside this scope; it is named as
+  # TensorFlow names the gradients it derives, for the profile's categories.
+  backward_scope = f"{profiling.BACKWARD_PREFIX}{tf.get_current_name_scope()}/"
+
   @tf.custom_gradient
   def attend(*inputs):
     q, k, v = inputs[:3]
@@ -139,6 +143,10 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
       out = tf.einsum("...qk,...kd->...qd", tf.cast(kept, v.dtype), v)
 
     def grad(upstream):
+      with tf.name_scope(backward_scope):
+        return backward(upstream)
+
+    def backward(upstream):
       with tf.name_scope("weighted_values"):
         d_kept = tf.cast(tf.einsum("...qd,...kd->...qk", upstream, v), tf.float32)
         d_values = tf.einsum("...qk,...qd->...kd", tf.cast(kept, upstream.dtype), upstream)

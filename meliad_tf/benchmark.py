@@ -46,6 +46,18 @@ def matmul_peak_gflops(size=2048, repeats=5, dtype=tf.float32):
   return {name: round(value, 1) for name, value in peak.items()}
 
 
+def parse_variants(specs):
+  """{name: [gin bindings]} from NAME:BINDING[;BINDING...] strings."""
+  variants = {}
+  for spec in specs:
+    name, sep, bindings = spec.partition(":")
+    if not sep or not name or name in variants:
+      raise ValueError(f"--variant must be NAME:BINDING[;BINDING...] with a new NAME, "
+                       f"got {spec!r}")
+    variants[name] = [b.strip() for b in bindings.split(";") if b.strip()]
+  return variants
+
+
 def select_device(device_bench):
   """What a benchmark adds for its device: (extra gin files, compute dtype).
 
@@ -129,11 +141,12 @@ class TimedTrainer:
     gin_files, gin_params: the configuration.
     prepare: optional function called with the built trainer before compiling (e.g. to
       fill its memories).
-    time_compiled_step: each round also times the compiled training step alone, for the
-      host's share of the training loop's step (`host_ms_per_train_step`).
+    time_input: each round also times the host's part of a training step on its own:
+      taking the next batch from the (prefetching) pipeline and handing its streams to
+      the replicas (`input_ms_per_train_step`).
   """
 
-  def __init__(self, gin_files, gin_params=(), prepare=None, time_compiled_step=False):
+  def __init__(self, gin_files, gin_params=(), prepare=None, time_input=False):
     self.config = list(gin_files) + list(gin_params)
     configure(gin_files, gin_params)
     self.trainer = trainer_lib.Trainer().build()
@@ -146,19 +159,17 @@ class TimedTrainer:
     self.compile_train = _seconds(self.train_step)
     self.compile_eval = _seconds(self.eval_step)
     gin.clear_config()
-    self.time_compiled_step = time_compiled_step
-    self.train_times, self.eval_times, self.compiled_train_times = [], [], []
+    self.time_input = time_input
+    self.train_times, self.eval_times, self.input_times = [], [], []
 
   def train_step(self):
     """One step of the training loop: the next batch from the pipeline, the compiled step,
     and its metrics fetched to the host."""
     self.trainer.train_step()
 
-  def compiled_train_step(self):
-    """The compiled training step alone, on a batch already on the device."""
+  def next_batch(self):
     # pylint: disable-next=protected-access
-    for value in self.trainer._train_step(self.batch).values():
-      value.numpy()
+    self.trainer._next_batch(self.trainer.train_iterator)
 
   def eval_step(self):
     # pylint: disable-next=protected-access
@@ -167,21 +178,19 @@ class TimedTrainer:
 
   def time_round(self):
     self.train_times.append(_seconds(self.train_step))
-    if self.time_compiled_step:
-      self.compiled_train_times.append(_seconds(self.compiled_train_step))
+    if self.time_input:
+      self.input_times.append(_seconds(self.next_batch))
     self.eval_times.append(_seconds(self.eval_step))
 
   def summary(self, peak_gflops=None, first_round=0):
     """Step times (best and median over the rounds from `first_round` on), tokens per
     second and MFU.
 
-    With `time_compiled_step`, `host_ms_per_train_step` is what the training loop's step
-    costs beyond the compiled step (reading the next batch, fetching the metrics), best
-    against best.
+    With `time_input`, also the median time of the host's input work per step.
     """
     train_times = self.train_times[first_round:]
     eval_times = self.eval_times[first_round:]
-    compiled_times = self.compiled_train_times[first_round:]
+    input_times = self.input_times[first_round:]
     train, evaluation = min(train_times), min(eval_times)
     flops = self.flops_per_token * self.tokens
     result = {
@@ -199,8 +208,8 @@ class TimedTrainer:
         "eval_over_train_tokens_per_second": round(train / evaluation, 2),
         "train_gflop_per_step": round(3 * flops / 1e9, 2),
     }
-    if compiled_times:
-      result["host_ms_per_train_step"] = round((train - min(compiled_times)) * 1e3, 1)
+    if input_times:
+      result["input_ms_per_train_step"] = round(statistics.median(input_times) * 1e3, 2)
     if peak_gflops:
       result["train_mfu"] = round(3 * flops / train / 1e9 / peak_gflops, 3)
       result["eval_mfu"] = round(flops / evaluation / 1e9 / peak_gflops, 3)

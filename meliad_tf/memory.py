@@ -399,11 +399,15 @@ def _logits_from_scores(queries, scores, neighbour_keys):
   """`scores` as the logits q . k [B, H, n, K], with the gradient into `queries` [B, H, n, d]
   computed from the keys that `neighbour_keys()` gathers ([B, H, n, K, d])."""
 
+  # Named as TensorFlow names the gradients it derives (see attention.attend_heads_first).
+  backward_scope = f"{profiling.BACKWARD_PREFIX}{tf.get_current_name_scope()}/"
+
   @tf.custom_gradient
   def logits(queries):
     def grad(upstream):
-      keys = tf.cast(neighbour_keys(), upstream.dtype)
-      return tf.cast(tf.einsum("bhqk,bhqkd->bhqd", upstream, keys), queries.dtype)
+      with tf.name_scope(backward_scope):
+        keys = tf.cast(neighbour_keys(), upstream.dtype)
+        return tf.cast(tf.einsum("bhqk,bhqkd->bhqd", upstream, keys), queries.dtype)
     return tf.identity(scores), grad
 
   return logits(queries)

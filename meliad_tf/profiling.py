@@ -12,6 +12,7 @@ says how little of the time it could attribute.
 The trace flag must be in XLA_FLAGS before TensorFlow starts (`enable_tracing`).
 """
 
+import bisect
 import collections
 import functools
 import glob
@@ -31,6 +32,7 @@ TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 BACKWARD_PREFIX = "gradient_tape/"
 # Events of the runtime itself, not of an HLO instruction.
 _RUNTIME_EVENTS = ("ThreadpoolListener", "ThunkExecutor")
+_EXECUTOR = "ThunkExecutor::Execute"
 _COMPLETION = "end: "
 
 
@@ -180,12 +182,17 @@ def read_trace(logdir):
   for plane in space.planes:
     names = plane.event_metadata
     for line in plane.lines:
+      # Instructions run inside the runtime's executor events; the rest of a thread's events
+      # (the Python call, the input pipeline) are not the step's instructions.
+      executing = _union([(e.offset_ps, e.offset_ps + e.duration_ps) for e in line.events
+                          if names[e.metadata_id].name == _EXECUTOR])
       for event in line.events:
         name = names[event.metadata_id].name
         begin = line.timestamp_ns * 1000 + event.offset_ps
         if name.startswith(_COMPLETION):
           completions[name[len(_COMPLETION):]].append(begin + event.duration_ps)
-        elif not name.startswith(_RUNTIME_EVENTS):
+        elif (not name.startswith(_RUNTIME_EVENTS)
+              and _within(executing, event.offset_ps, event.offset_ps + event.duration_ps)):
           starts[name].append((begin, begin + event.duration_ps))
   executions = []
   for name, runs in starts.items():
@@ -201,6 +208,24 @@ def read_trace(logdir):
         next_end += 1
       executions.append((name, begin, end))
   return executions
+
+
+def _union(intervals):
+  """Sorted, non-overlapping intervals covering the same time as `intervals` (executors
+  nest: a loop's body runs in an executor of its own)."""
+  merged = []
+  for begin, end in sorted(intervals):
+    if merged and begin <= merged[-1][1]:
+      merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+    else:
+      merged.append((begin, end))
+  return merged
+
+
+def _within(intervals, begin, end):
+  """Whether [begin, end] lies inside one of the sorted, non-overlapping `intervals`."""
+  i = bisect.bisect_right(intervals, (begin, float("inf"))) - 1
+  return i >= 0 and intervals[i][0] <= begin and end <= intervals[i][1]
 
 
 def attribute(executions, instructions):

@@ -2,7 +2,7 @@
 
   meliad-bench profile [--gin_file=base_htrans.gin --gin_file=size/small_test.gin ...]
                        [--gin_param=...] [--step=train|eval] [--steps=2] [--top=15]
-                       [--trace_dir=DIR]
+                       [--variant=NAME:BINDING;...] [--trace_dir=DIR]
 
 Builds the trainer from the gin files, compiles the step with XLA, traces `--steps` calls
 with the TensorFlow profiler and attributes each executed HLO instruction's time to the
@@ -11,6 +11,10 @@ attention/softmax, attention/weighted_values, memory/..., recurrence/..., projec
 dropout, output, loss, optimizer, each forward or backward. Prints one JSON object on
 stdout and the same as a table on stderr. The trace stays in --trace_dir (a temporary
 directory by default) for TensorBoard's profile plugin.
+
+With --variant (repeatable), each variant is profiled too, in the same process, and a table
+sets the categories of all of them side by side: the profile before and after an
+optimisation, e.g. --variant='reference:TransformerLayer.attention_block_length = 0'.
 """
 
 import json
@@ -30,6 +34,8 @@ flags.DEFINE_multi_string("gin_param", [], "Gin bindings after the files.")
 flags.DEFINE_enum("step", "train", ["train", "eval"], "The step to profile.")
 flags.DEFINE_integer("steps", 2, "Traced steps (after one untraced).")
 flags.DEFINE_integer("top", 15, "Costliest HLO instructions to list.")
+flags.DEFINE_multi_string("variant", [], "Variants to profile as well, as "
+                          "NAME:BINDING[;BINDING...].")
 flags.DEFINE_string("trace_dir", None, "Where the profiler writes its trace (default: a "
                     "temporary directory).")
 
@@ -72,13 +78,46 @@ def format_table(result):
   return "\n".join(lines)
 
 
+def format_comparison(results):
+  """Milliseconds per step of every category, one column per profiled variant."""
+  names = list(results)
+  totals = {}
+  for name, result in results.items():
+    for row in result["by_category"]:
+      totals.setdefault((row["category"], row["pass"]), {})[name] = row["ms_per_step"]
+  header = f"{'category':34} {'pass':9}" + "".join(f" {n[:14]:>14}" for n in names)
+  lines = [header]
+  for (scope, direction), by_name in sorted(totals.items(),
+                                            key=lambda item: -max(item[1].values())):
+    lines.append(f"{scope:34} {direction:9}" +
+                 "".join(f" {by_name.get(n, 0.0):14.2f}" for n in names))
+  for key, label in (("instruction_ms_per_step", "all instructions"),
+                     ("wall_ms_per_step", "wall clock")):
+    lines.append(f"{label:44}" + "".join(f" {results[n][key]:14.2f}" for n in names))
+  return "\n".join(lines)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    variants = benchmark.parse_variants(FLAGS.variant)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   profiling.enable_tracing()
-  result = profile(FLAGS.gin_file or DEFAULT_GIN_FILES, FLAGS.gin_param, FLAGS.step,
-                   FLAGS.steps, FLAGS.top, FLAGS.trace_dir)
-  print(format_table(result), file=sys.stderr)
-  print(json.dumps(result, indent=1))
+  files = FLAGS.gin_file or DEFAULT_GIN_FILES
+  results = {"as_configured": profile(files, FLAGS.gin_param, FLAGS.step, FLAGS.steps,
+                                      FLAGS.top, FLAGS.trace_dir)}
+  for name, bindings in variants.items():
+    results[name] = profile(files, list(FLAGS.gin_param) + bindings, FLAGS.step, FLAGS.steps,
+                            FLAGS.top)
+  for name, result in results.items():
+    print(f"== {name}\n{format_table(result)}\n", file=sys.stderr)
+  if variants:
+    print(format_comparison(results), file=sys.stderr)
+    print(json.dumps({"benchmark": "profile", "variants": results}, indent=1))
+  else:
+    print(json.dumps(results["as_configured"], indent=1))
 
 
 def run():

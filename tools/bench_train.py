@@ -9,9 +9,9 @@ same model on the unoptimised paths ("reference": attention window by window aga
 keys with TensorFlow's gradient, one matmul per projection kernel), built and compiled
 once each, then timed in alternation, round after round, so that both see the same load;
 the ratios reference / optimised come from the same run. Step times are the best of the
-rounds (medians too); `host_ms_per_train_step` is what the training loop adds to the
-compiled step (the next batch from the pipeline, the metrics to the host). MFU is against
-a matmul peak measured in the same process.
+rounds (medians too); `input_ms_per_train_step` is the host's input work in a step of the
+training loop (the next batch from the prefetching pipeline, split into the replicas'
+streams), timed on its own. MFU is against a matmul peak measured in the same process.
 
 --device_bench times on the first GPU in bfloat16 (options/bfloat16.gin), with a peak
 measured there; it stops with an error when TensorFlow sees no GPU.
@@ -46,18 +46,6 @@ REFERENCE_PARAMS = ["TransformerLayer.attention_block_length = 0",
                     "TransformerBase.fuse_projections = False"]
 
 
-def parse_variants(specs):
-  """{name: [gin bindings]} from NAME:BINDING[;BINDING...] strings."""
-  variants = {}
-  for spec in specs:
-    name, sep, bindings = spec.partition(":")
-    if not sep or not name or name in variants:
-      raise app.UsageError(f"--variant must be NAME:BINDING[;BINDING...] with a new NAME, "
-                           f"got {spec!r}")
-    variants[name] = [b.strip() for b in bindings.split(";") if b.strip()]
-  return variants
-
-
 def compare(size, jit_modes, reference, extra_files, extra_params, rounds, peak,
             more_variants=None):
   """Times the variants of one size config in alternation; returns their summaries."""
@@ -66,7 +54,7 @@ def compare(size, jit_modes, reference, extra_files, extra_params, rounds, peak,
   for jit in jit_modes:
     name = "optimised" if jit else "optimised_graph"
     variants[name] = benchmark.TimedTrainer(
-        files, extra_params + [f"Trainer.jit_compile = {jit}"], time_compiled_step=True)
+        files, extra_params + [f"Trainer.jit_compile = {jit}"], time_input=True)
   if reference:
     variants["reference"] = benchmark.TimedTrainer(
         files, extra_params + ["Trainer.jit_compile = True"] + REFERENCE_PARAMS)
@@ -94,7 +82,10 @@ def main(argv):
   extra_files, dtype = benchmark.select_device(FLAGS.device_bench)
   peak = benchmark.matmul_peak_gflops(dtype=dtype)
   modes = {"xla": [True], "graph": [False], "both": [True, False]}[FLAGS.jit]
-  more_variants = parse_variants(FLAGS.variant)
+  try:
+    more_variants = benchmark.parse_variants(FLAGS.variant)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   results = [compare(size, modes, FLAGS.reference and True in modes, extra_files,
                      list(FLAGS.gin_param), FLAGS.rounds, peak, more_variants)
              for size in FLAGS.configs]
