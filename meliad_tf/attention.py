@@ -161,22 +161,21 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
         d_keys = tf.einsum("...qk,...qd->...kd", g, q)
         lead_axes = list(range(len(d_logits.shape) - 3))
         summed = tf.reduce_sum(d_logits, axis=lead_axes) if (has_bias or has_scale) else None
-        d_bias = d_scale = None
+        grads = []
         if has_scale:
           # d scale = sum of d_logits * raw, with raw = q.k + bias:
           # sum of q . (d_logits k) plus sum of d_logits * bias.
-          d_scale = tf.reduce_sum(tf.cast(d_queries * q, tf.float32),
+          d_scale = tf.reduce_sum(tf.cast(d_queries, tf.float32) * tf.cast(q, tf.float32),
                                   axis=lead_axes + [len(d_logits.shape) - 2,
                                                     len(d_logits.shape) - 1])
           if has_bias:
             d_scale += tf.reduce_sum(summed * b, axis=[1, 2])
           d_queries *= tf.cast(s, d_queries.dtype)
           d_keys *= tf.cast(s, d_keys.dtype)
+          grads.append(d_scale)
         if has_bias:
-          d_bias = summed * s if has_scale else summed
-        grads = [d_queries, d_keys, d_values]
-        grads += [d_bias] if has_bias else []
-        grads += [d_scale] if has_scale else []
+          grads.insert(0, summed * s if has_scale else summed)
+        grads = [d_queries, d_keys, d_values] + grads
       return grads
 
     return out, grad
@@ -184,12 +183,23 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
   return attend(*inputs)
 
 
+def attend(keys, values, queries, *, bias=None, scale=None, mask=None,
+           dropout_multiplier=None):
+  """`simple_attention` (same arguments, same layout) computed by `attend_heads_first`."""
+  def heads_first(x):  # [..., n, H, d] <-> [..., H, n, d]
+    rank = len(x.shape)
+    return tf.transpose(x, list(range(rank - 3)) + [rank - 2, rank - 3, rank - 1])
+
+  out = attend_heads_first(heads_first(queries), heads_first(keys), heads_first(values),
+                           bias=bias, scale=scale, mask=mask,
+                           dropout_multiplier=dropout_multiplier)
+  return heads_first(out)
+
+
 def block_length_for(window_length, target=DEFAULT_BLOCK_LENGTH):
   """The longest block of queries, at most `target`, that divides the window."""
-  for length in range(min(target, window_length), 0, -1):
-    if window_length % length == 0:
-      return length
-  raise ValueError(f"no block length for a window of {window_length}")
+  return next(length for length in range(min(target, window_length), 0, -1)
+              if window_length % length == 0)
 
 
 @profiling.scoped("attention")

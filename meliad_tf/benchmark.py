@@ -82,8 +82,9 @@ def device_name():
 def model_flops_per_token(trainer):
   """Forward FLOPs per token: 2 per weight (embedding as the output layer) + attention.
 
-  Attention counts the dense score and value products over the 2W keys each window
-  attends to (W without the XL cache), as computed, masked half included. A recurrent
+  Attention counts the score and value products as computed: over the 2W keys each window
+  attends to (W without the XL cache), masked half included, or over the W + b keys of
+  each block of b queries in the blocked sliding-window attention. A recurrent
   cell runs once per window on its S states (see `_recurrent_cell_flops_per_token`), and
   tokens that cross-attend to a state add 4 S H d.
   """
@@ -97,7 +98,11 @@ def model_flops_per_token(trainer):
   attention = 0
   for layer in decoder.layers:
     keys = 2 * layer.window_length if layer.use_long_xl_architecture else layer.window_length
-    attention += 4 * layer.num_heads * layer.head_size * keys
+    block = layer.attention_block_length
+    computed_keys = (layer.window_length + block
+                     if layer.use_long_xl_architecture and 0 < block < layer.window_length
+                     else keys)
+    attention += 4 * layer.num_heads * layer.head_size * computed_keys
     if layer.recurrent is not None:
       attention += _recurrent_cell_flops_per_token(layer, keys)
     states = layer.recurrent.num_states if layer.recurrent is not None else (

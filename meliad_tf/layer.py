@@ -252,9 +252,11 @@ class TransformerLayer(tf.Module):
     is_recurrent, memory, cross_attention: set by the stack for special layers.
     attention_block_length: queries per block of the sliding-window attention, which then
       computes only the band of W keys each block needs (the longest divisor of W up to this
-      value; with the XL architecture and a window longer than it); 0 computes it window by
-      window against 2W keys, as Meliad, the masked half included. The same arithmetic
-      either way; see attention.sliding_window_attention.
+      value; with the XL architecture and a window longer than it), and the recurrent
+      cell's and cross attentions get their gradients written out (`attention.attend`);
+      0 computes every attention of the layer op by op as Meliad does, the sliding window
+      window by window against 2W keys, masked half included. The same arithmetic either
+      way; see attention.sliding_window_attention.
     dtype: compute dtype.
   """
 
@@ -321,7 +323,8 @@ class TransformerLayer(tf.Module):
                             num_position_embeddings=recurrent_num_states,
                             gate_type=recurrent_gate_type, single_gate=recurrent_single_gate,
                             skip_ffn=recurrent_skip_ffn, dtype=dtype, name="recurrent_tbase"),
-            recurrent_num_states, name="recurrent")
+            recurrent_num_states, written_gradient=bool(self.attention_block_length),
+            name="recurrent")
       else:
         self.recurrent = None
       if relative_position_type == "t5":
@@ -442,8 +445,9 @@ class TransformerLayer(tf.Module):
       if cross_attention_kv is None:
         raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
                          "called without cross_attention_kv")
-      cross_attn = recurrence.attend_to_state(queries2, *cross_attention_kv,
-                                              scale=self.tbase.attention_scale2)
+      cross_attn = recurrence.attend_to_state(
+          queries2, *cross_attention_kv, scale=self.tbase.attention_scale2,
+          written_gradient=bool(self.attention_block_length))
     if diagnostics is not None and cross_attn is not None:
       diagnostics["state_attention_share"] = recurrence.attention_share(
           attn, cross_attn, self.tbase.post_attn_mlp.output_layer.kernel)
@@ -535,5 +539,6 @@ class TransformerLayer(tf.Module):
         diagnostics=diagnostics)
     # Window t's tokens attend to c_t, the state entering it: [B, nW, W, H, d].
     cross = recurrence.attend_to_state(attention.split_windows(queries2, window), state_keys,
-                                       state_values, scale=self.tbase.attention_scale2)
+                                       state_values, scale=self.tbase.attention_scale2,
+                                       written_gradient=bool(self.attention_block_length))
     return attention.merge_windows(cross), final_state

@@ -37,9 +37,12 @@ class RecurrentCell(tf.Module):
       `num_cross_heads = num_heads` and `num_position_embeddings = num_states`, whose
       gate type and arrangement are the cell's.
     num_states: S.
+    written_gradient: compute the cell's attentions with `attention.attend` (the gradient
+      written out) rather than `attention.simple_attention` (TensorFlow's, op by op); the
+      same arithmetic.
   """
 
-  def __init__(self, recurrent_tbase, num_states, name=None):
+  def __init__(self, recurrent_tbase, num_states, written_gradient=True, name=None):
     super().__init__(name=name)
     if num_states <= 0:
       raise ValueError(f"a recurrent layer needs TransformerLayer.recurrent_num_states > 0, "
@@ -49,6 +52,7 @@ class RecurrentCell(tf.Module):
     self.recurrent_tbase = recurrent_tbase
     self.num_states = num_states
     self.embedding_size = recurrent_tbase.embedding_size
+    self.written_gradient = written_gradient
     self.dtype = recurrent_tbase.dtype
     with self.name_scope:
       # Small, yet large enough for Adafactor's parameter-scaled steps to move it.
@@ -93,9 +97,9 @@ class RecurrentCell(tf.Module):
     """
     keys, values, queries, queries2 = state_kvq or self.kvq(state)
     tbase = self.recurrent_tbase
-    self_attn = attention.simple_attention(keys, values, queries, scale=tbase.attention_scale)
-    token_attn = attention.simple_attention(block_keys, block_values, queries2,
-                                            scale=tbase.attention_scale2)
+    attend = attention.attend if self.written_gradient else attention.simple_attention
+    self_attn = attend(keys, values, queries, scale=tbase.attention_scale)
+    token_attn = attend(block_keys, block_values, queries2, scale=tbase.attention_scale2)
     return tbase.post_attn_ffn(state, self_attn, token_attn, gates=gates)
 
   def step_where(self, block_ended, state, block_keys, block_values):
@@ -167,17 +171,19 @@ def gate_diagnostics(gates_per_block):
 
 
 @profiling.scoped("cross_attention")
-def attend_to_state(queries2, state_keys, state_values, scale):
+def attend_to_state(queries2, state_keys, state_values, scale, written_gradient=True):
   """Cross attention from tokens to a recurrent state: no mask, no bias, no dropout.
 
   Args:
     queries2: [..., nq, H, d] token queries.
     state_keys, state_values: [..., S, H, d].
     scale: [H] (`attention_scale2` of the attending layer) or None.
+    written_gradient: as for RecurrentCell.
   Returns:
     [..., nq, H, d].
   """
-  return attention.simple_attention(state_keys, state_values, queries2, scale=scale)
+  attend = attention.attend if written_gradient else attention.simple_attention
+  return attend(state_keys, state_values, queries2, scale=scale)
 
 
 # The share is estimated on every 7th token: a scalar over thousands of tokens needs no more,

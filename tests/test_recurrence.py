@@ -200,7 +200,7 @@ def random_state(module, batch_size, seed=3):
 
 def language_model(recurrent_layer_indices=(1,), num_layers=2, feedback=False, window=WINDOW,
                    sequence_length=2 * WINDOW, batch_size=2, position_type="t5", seed=0,
-                   arrangement="bias_skip"):
+                   arrangement="bias_skip", attention_block_length=WINDOW):
   gate_type, single_gate, skip_ffn = ARRANGEMENTS[arrangement]
   tf.random.set_seed(seed)
   config = task_config_lib.TransformerTaskConfig(sequence_length=sequence_length,
@@ -209,7 +209,7 @@ def language_model(recurrent_layer_indices=(1,), num_layers=2, feedback=False, w
       layer_lib.TransformerLayer, num_heads=HEADS, head_size=HEAD_SIZE, window_length=window,
       relative_position_type=position_type, recurrent_num_states=STATES,
       recurrent_gate_type=gate_type, recurrent_single_gate=single_gate,
-      recurrent_skip_ffn=skip_ffn)
+      recurrent_skip_ffn=skip_ffn, attention_block_length=attention_block_length)
   decoder_factory = functools.partial(
       decoder.DecoderStack, num_layers=num_layers, embedding_size=EMBED,
       layer_factory=layer_factory, recurrent_layer_indices=recurrent_layer_indices,
@@ -217,6 +217,28 @@ def language_model(recurrent_layer_indices=(1,), num_layers=2, feedback=False, w
   lm = model_lib.DecoderOnlyLanguageModel(config, decoder_factory=decoder_factory)
   scramble_fixed_initialisations(lm)
   return lm
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_written_out_attention_gradients_equal_tensorflow_s(feedback):
+  # attention_block_length 0 differentiates every attention op by op; 2 computes the
+  # sliding window in blocks and writes out the gradients of the cell's and cross attentions.
+  tokens = tokens_of(2, 2 * WINDOW, seed=9)
+  batch = {"targets": tokens, "start_of_sequence": tf.constant([True, False])}
+
+  def loss_and_gradients(block_length):
+    lm = language_model(feedback=feedback, attention_block_length=block_length)
+    state = random_state(lm, 2)
+    with tf.GradientTape() as tape:
+      loss, _, new_state = lm(batch, state, training=False)
+    return [loss] + list(tape.gradient(loss, lm.trainable_variables)) + tf.nest.flatten(
+        new_state)
+
+  got, want = loss_and_gradients(2), loss_and_gradients(0)
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(tf.convert_to_tensor(g).numpy(),
+                               tf.convert_to_tensor(w).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def tokens_of(batch_size, length, seed):
