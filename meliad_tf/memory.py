@@ -341,7 +341,10 @@ class ExternalMemory:
       logits *= tf.cast(scale, tf.float32)[:, None, None]
     probs = tf.nn.softmax(logits, axis=-1)
     values = self._gather(state["values"], slots)
-    return tf.einsum("bhqk,bhqkd->bqhd", tf.cast(probs, values.dtype), values)
+    # Heads first, as gathered: an output in [B, n, H, d] would have XLA transpose the
+    # gathered values, [B, H, n, K, d], rather than this product.
+    weighted = tf.einsum("bhqk,bhqkd->bhqd", tf.cast(probs, values.dtype), values)
+    return tf.transpose(weighted, [0, 2, 1, 3])
 
   @profiling.scoped("write")
   def write(self, state, keys, values):

@@ -34,6 +34,7 @@ BACKWARD_PREFIX = "gradient_tape/"
 _RUNTIME_EVENTS = ("ThreadpoolListener", "ThunkExecutor")
 _EXECUTOR = "ThunkExecutor::Execute"
 _COMPLETION = "end: "
+_CONTAINERS = ("call", "while", "conditional")
 
 
 def scoped(name):
@@ -232,21 +233,24 @@ def attribute(executions, instructions):
   """Wall-clock picoseconds per instruction: each moment is shared equally by the
   instructions running then, so the shares add up to the time anything ran.
 
-  Wrappers that only hand an instruction's parts to threads (opcode "call") are skipped,
-  since their parts are timed themselves.
+  Instructions that only run others (the calls that hand an instruction's parts to
+  threads, loops, conditionals) are skipped, since what they run is timed itself.
 
   Returns:
-    (Counter {name: picoseconds}, busy picoseconds, picoseconds of unknown events).
+    (Counter {name: picoseconds}, Counter {name: executions}, busy picoseconds, picoseconds
+    of unknown events).
   """
   edges = []
+  counts = collections.Counter()
   unknown = 0
   for name, begin, end in executions:
     instruction = instructions.get(name)
     if instruction is None:
       unknown += end - begin
-    elif instruction.opcode != "call":
+    elif instruction.opcode not in _CONTAINERS:
       edges.append((begin, 1, name))
       edges.append((end, -1, name))
+      counts[name] += 1
   edges.sort(key=lambda edge: (edge[0], edge[1]))
   shares = collections.Counter()
   running = collections.Counter()
@@ -262,7 +266,7 @@ def attribute(executions, instructions):
     if not running[name]:
       del running[name]
     previous = time_ps
-  return shares, busy, unknown
+  return shares, counts, busy, unknown
 
 
 def summarize(executions, instructions, wall_seconds, steps, top=15):
@@ -281,7 +285,7 @@ def summarize(executions, instructions, wall_seconds, steps, top=15):
     instructions with their TF op, shape and, for matrix products, GFLOP/s; the matrix
     products' total; and the share of trace events that matched no instruction.
   """
-  shares, busy, unknown = attribute(executions, instructions)
+  shares, counts, busy, unknown = attribute(executions, instructions)
   to_seconds = 1e-12
   by_category = collections.Counter()
   by_pass = collections.Counter()
@@ -293,7 +297,7 @@ def summarize(executions, instructions, wall_seconds, steps, top=15):
     instruction = instructions[name]
     if instruction.opcode == "dot":
       dot_seconds += picoseconds * to_seconds
-      dot_flops += instruction.flops * steps
+      dot_flops += instruction.flops * counts[name]  # a loop's body runs several times
   total = busy * to_seconds
   per_step = lambda seconds: round(seconds / steps * 1e3, 2)
   share = lambda seconds: round(seconds / total, 4) if total else 0.0
@@ -304,7 +308,7 @@ def summarize(executions, instructions, wall_seconds, steps, top=15):
     row = {"instruction": name, "opcode": instruction.opcode, "shape": instruction.shape,
            "op_name": _op_name(instructions, name), "ms_per_step": per_step(seconds)}
     if instruction.opcode == "dot" and seconds:
-      row["gflops_per_second"] = round(instruction.flops * steps / seconds / 1e9, 1)
+      row["gflops_per_second"] = round(instruction.flops * counts[name] / seconds / 1e9, 1)
     costliest.append(row)
   return {
       "wall_ms_per_step": round(wall_seconds / steps * 1e3, 1),

@@ -20,7 +20,7 @@ def test_variants_parse_names_and_bindings():
 
 def test_train_benchmark_times_the_optimised_and_reference_paths_alternately():
   result = subprocess.run(
-      [sys.executable, "-m", "meliad_tools.bench_train", "--configs=tiny_test", "--rounds=2",
+      [sys.executable, "-m", "meliad_tools.bench_train", "--configs=tiny_test", "--rounds=1",
        "--variant=no_fusion:TransformerBase.fuse_projections = False"],
       capture_output=True, text=True, timeout=600, check=True)
   report = json.loads(result.stdout[result.stdout.index("{"):])

@@ -74,10 +74,13 @@ def test_scoped_names_ops_and_refuses_unknown_scopes():
 def test_concurrent_instructions_share_the_time_they_overlap():
   instructions = profiling.parse_hlo(HLO)
   instructions["call.9"] = profiling.HloInstruction("call.9", "call", "f32[4]", "", [], "")
-  executions = [("dot.3", 0, 10), ("copy.4", 5, 15), ("call.9", 0, 15), ("mystery", 20, 24)]
-  shares, busy, unknown = profiling.attribute(executions, instructions)
-  assert shares == {"dot.3": 7.5, "copy.4": 7.5}
-  assert (busy, unknown) == (15, 4)
+  instructions["while.8"] = profiling.HloInstruction("while.8", "while", "f32[4]", "", [], "")
+  executions = [("dot.3", 0, 10), ("copy.4", 5, 15), ("call.9", 0, 15), ("while.8", 0, 40),
+                ("dot.3", 30, 40), ("mystery", 20, 24)]
+  shares, counts, busy, unknown = profiling.attribute(executions, instructions)
+  assert shares == {"dot.3": 17.5, "copy.4": 7.5}
+  assert counts == {"dot.3": 2, "copy.4": 1}
+  assert (busy, unknown) == (25, 4)
 
 
 def _write_trace(directory, events):
