@@ -1,10 +1,10 @@
 """meliad-bench train: training and evaluation speed of the XL model, as JSON.
 
   meliad-bench train [--configs=tiny_test,small_test] [--rounds=5] [--jit=xla|graph|both]
-                     [--no-reference] [--variant=NAME:BINDING;...] [--gin_param=...]
+                     [--noreference] [--variant=NAME:BINDING;...] [--gin_param=...]
                      [--device_bench]
 
-Per size config, the model as configured ("optimised") and, unless --no-reference, the
+Per size config, the model as configured ("optimised") and, unless --noreference, the
 same model on the unoptimised paths ("reference": attention window by window against 2W
 keys with TensorFlow's gradient, one matmul per projection kernel), built and compiled
 once each, then timed in alternation, round after round, so that both see the same load;
