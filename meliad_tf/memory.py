@@ -169,7 +169,7 @@ class ExternalMemory:
 
     The databases are rewritten only in a step where some document starts: a `where` over
     them reads and writes all of every stream's memory (2 x 268 MB for small_test at 32k),
-    while a step without a start, the usual case, keeps them as they are, in place.
+    while a step without a start, the usual case, passes them through.
     """
     start = tf.convert_to_tensor(start_of_sequence)
     rows = start[:, None, None, None]

@@ -137,7 +137,11 @@ def category(op_name):
   """
   backward = op_name.startswith(BACKWARD_PREFIX)
   parts = [_UNIQUE_SUFFIX.sub("", part) for part in op_name.split("/")]
-  scopes = [part for part in parts if part in SCOPES]
+  scopes = []
+  for part in parts:
+    # A scoped function called from another of the same scope adds nothing.
+    if part in SCOPES and (not scopes or scopes[-1] != part):
+      scopes.append(part)
   return "/".join(scopes) or "other", "backward" if backward else "forward"
 
 

@@ -54,6 +54,7 @@ def test_instructions_without_an_op_name_take_their_operand_s_or_their_reduction
     ("ffn_2/dropout/mul", ("ffn/dropout", "forward")),
     ("layer_1/recurrence/cross_attention_4/scores/einsum", ("recurrence/cross_attention/scores",
                                                             "forward")),
+    ("memory/memory_1/search/while/einsum", ("memory/search", "forward")),
     ("MatMul_7", ("other", "forward")),
 ])
 def test_category_is_the_scope_path_without_unique_suffixes(op_name, expected):
