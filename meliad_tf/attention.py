@@ -161,7 +161,9 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
         d_keys = tf.einsum("...qk,...qd->...kd", g, q)
         lead_axes = list(range(len(d_logits.shape) - 3))
         summed = tf.reduce_sum(d_logits, axis=lead_axes) if (has_bias or has_scale) else None
-        grads = []
+        grads = [d_queries, d_keys, d_values]
+        if has_bias:
+          grads.append(summed * s if has_scale else summed)
         if has_scale:
           # d scale = sum of d_logits * raw, with raw = q.k + bias:
           # sum of q . (d_logits k) plus sum of d_logits * bias.
@@ -170,12 +172,9 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
                                                     len(d_logits.shape) - 1])
           if has_bias:
             d_scale += tf.reduce_sum(summed * b, axis=[1, 2])
-          d_queries *= tf.cast(s, d_queries.dtype)
-          d_keys *= tf.cast(s, d_keys.dtype)
+          grads[0] = d_queries * tf.cast(s, d_queries.dtype)
+          grads[1] = d_keys * tf.cast(s, d_keys.dtype)
           grads.append(d_scale)
-        if has_bias:
-          grads.insert(0, summed * s if has_scale else summed)
-        grads = [d_queries, d_keys, d_values] + grads
       return grads
 
     return out, grad

@@ -323,7 +323,7 @@ class TransformerLayer(tf.Module):
                             num_position_embeddings=recurrent_num_states,
                             gate_type=recurrent_gate_type, single_gate=recurrent_single_gate,
                             skip_ffn=recurrent_skip_ffn, dtype=dtype, name="recurrent_tbase"),
-            recurrent_num_states, written_gradient=bool(self.attention_block_length),
+            recurrent_num_states, written_gradient=self.written_gradient,
             name="recurrent")
       else:
         self.recurrent = None
@@ -337,6 +337,12 @@ class TransformerLayer(tf.Module):
       self.external_memory_bias = (tf.Variable(tf.zeros([num_heads]),
                                                name="external_memory_bias")
                                    if memory is not None else None)
+
+  @property
+  def written_gradient(self):
+    """Whether the layer's attentions besides the sliding window get the written-out
+    gradient (attention.attend); not on the reference path, attention_block_length = 0."""
+    return bool(self.attention_block_length)
 
   def check_sequence_length(self, sequence_length):
     """Raises ValueError unless a segment of this length can be split into windows."""
@@ -447,7 +453,7 @@ class TransformerLayer(tf.Module):
                          "called without cross_attention_kv")
       cross_attn = recurrence.attend_to_state(
           queries2, *cross_attention_kv, scale=self.tbase.attention_scale2,
-          written_gradient=bool(self.attention_block_length))
+          written_gradient=self.written_gradient)
     if diagnostics is not None and cross_attn is not None:
       diagnostics["state_attention_share"] = recurrence.attention_share(
           attn, cross_attn, self.tbase.post_attn_mlp.output_layer.kernel)
@@ -540,5 +546,5 @@ class TransformerLayer(tf.Module):
     # Window t's tokens attend to c_t, the state entering it: [B, nW, W, H, d].
     cross = recurrence.attend_to_state(attention.split_windows(queries2, window), state_keys,
                                        state_values, scale=self.tbase.attention_scale2,
-                                       written_gradient=bool(self.attention_block_length))
+                                       written_gradient=self.written_gradient)
     return attention.merge_windows(cross), final_state

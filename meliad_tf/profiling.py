@@ -9,7 +9,7 @@ backward pass (gradients carry the `gradient_tape/` prefix), with the achieved G
 every matrix product. On devices other than the CPU the trace names differ; the report then
 says how little of the time it could attribute.
 
-The trace flag must be in XLA_FLAGS before TensorFlow starts (`enable_tracing`).
+The trace flag must be in XLA_FLAGS before XLA first compiles (`enable_tracing`).
 """
 
 import bisect
@@ -55,12 +55,12 @@ def scoped(name):
 def enable_tracing():
   """Adds the CPU runtime's per-instruction trace events to XLA_FLAGS.
 
-  Returns False when TensorFlow already started XLA (the flag would be ignored).
+  XLA reads its flags once, at its first compilation in the process: call this before. A
+  profile taken without them matches no instruction (`unmatched_event_share` 1.0).
   """
   flags = os.environ.get("XLA_FLAGS", "")
   if TRACE_FLAG not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {TRACE_FLAG}".strip()
-  return TRACE_FLAG in os.environ["XLA_FLAGS"]
 
 
 class HloInstruction:
@@ -74,8 +74,10 @@ class HloInstruction:
     self.shape = shape
     self.op_name = op_name
     self.operands = operands
-    self.applies = applies  # the name of a reduction's computation, which XLA derives
-    self.flops = 0          # from the TF op's scopes (for instructions with no op_name)
+    # The name of a reduction's computation, which XLA derives from the TF op's scopes (for
+    # instructions without an op_name).
+    self.applies = applies
+    self.flops = 0
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
