@@ -111,6 +111,12 @@ class DecoderStack(tf.Module):
     for layer in self.layers:
       layer.check_sequence_length(self.chunk_length)
 
+  @property
+  def host_search_layers(self):
+    """Names of the layers whose memory is searched on the host (ScaNN, a Python call)."""
+    return [layer.name for layer in self.layers
+            if layer.memory is not None and layer.memory.searches_on_host]
+
   def state_spec(self, batch_size):
     """Per-stream state of every layer: {"layer_i": {...}} (layers without state omitted)."""
     spec = {}

@@ -65,12 +65,6 @@ class ExportError(RuntimeError):
   pass
 
 
-def host_search_layers(model):
-  """Names of the layers whose memory is searched on the host (ScaNN, a Python call)."""
-  return [layer.name for layer in model.decoder.layers
-          if layer.memory is not None and layer.memory.searches_on_host]
-
-
 def family(model):
   """"transformer_xl", "memorizing" or "block_recurrent"."""
   stack = model.decoder
@@ -148,8 +142,9 @@ class ScoringModule(tf.Module):
                        f"{model.vocab_size} rows")
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if jit_compile and host_search_layers(model):
-      raise ValueError(f"{', '.join(host_search_layers(model))} search their memory on the host "
+    host_layers = model.decoder.host_search_layers
+    if jit_compile and host_layers:
+      raise ValueError(f"{', '.join(host_layers)} search their memory on the host "
                        "(memory_on_tpu_factory.backend = 'scann'), which XLA cannot compile; "
                        "turn --jit_compile off")
     self.model = model
@@ -324,9 +319,10 @@ def export(module, output_dir, *, vocabulary, config_text, task_name, step, over
       memory on the host (ScaNN), which a SavedModel cannot hold.
   """
   output_dir = os.path.abspath(output_dir)
-  if host_search_layers(module.model):
+  host_layers = module.model.decoder.host_search_layers
+  if host_layers:
     raise ExportError(
-        f"{', '.join(host_search_layers(module.model))} search their memory on the host "
+        f"{', '.join(host_layers)} search their memory on the host "
         "through a Python call (memory_on_tpu_factory.backend = 'scann'), which a SavedModel "
         "cannot hold; export with --gin_param=\"memory_on_tpu_factory.backend = 'exact'\" "
         "(or 'bucketed', Meliad's), or evaluate in process with meliad-eval --workdir")

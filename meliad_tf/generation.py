@@ -403,8 +403,7 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
   reason = unsupported_reason(model)
   if reason is not None:
     raise GenerationNotSupportedError(reason)
-  host_layers = [layer.name for layer in model.decoder.layers
-                 if layer.memory is not None and layer.memory.searches_on_host]
+  host_layers = model.decoder.host_search_layers
   if jit_compile and host_layers:
     raise ValueError(f"generate: {', '.join(host_layers)} search their memory on the host "
                      "(memory_on_tpu_factory.backend = 'scann'), which XLA cannot compile; "

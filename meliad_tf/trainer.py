@@ -46,6 +46,24 @@ ALL_FINITE = "all_finite"
 STEP_LOSSES_FILE = "step_losses.jsonl"
 
 
+def xla_around_host_calls(fn):
+  """`fn`, with the ops it creates marked for XLA.
+
+  XLA cannot compile a function that calls the host, so a step with a memory searched by
+  ScaNN cannot be one XLA program. Under this scope TensorFlow's clustering pass compiles
+  the ops on either side of the host call instead (the layers before the memory's search,
+  those after it, the backward pass, the optimizer) as XLA clusters, and leaves out the
+  host call (`tf.numpy_function`, which has no XLA kernel) for the graph to run between
+  them.
+  """
+
+  def compiled_around_host_calls(*args):
+    with tf.xla.experimental.jit_scope():
+      return fn(*args)
+
+  return compiled_around_host_calls
+
+
 @profiling.scoped("finite_check")
 def _all_finite(loss, grads):
   """A bool scalar: the loss and every gradient are finite."""
@@ -107,7 +125,8 @@ class Trainer:
     replicate_mode: accepted for compatibility (replication follows the strategy).
     trace_debug_mode: run the steps eagerly, without tf.function, for debugging.
     print_variables: log every parameter's name and shape at start.
-    jit_compile: compile the steps with XLA.
+    jit_compile: compile the steps with XLA; with a memory searched on the host (the scann
+      backend), everything in them but the search (`xla_around_host_calls`).
     max_checkpoints_to_keep: Meliad keeps 1; with more, a restore falls back to an older
       checkpoint when the newest cannot be read.
     skip_nonfinite_steps: a step whose loss or gradients are not finite leaves the
@@ -197,11 +216,7 @@ class Trainer:
       self.optimizer = self.optimizer_config.create()
       self.params = list(self.model.trainable_variables)
       self.optimizer.build(self.params)
-    if self.jit_compile and any(layer.memory is not None and layer.memory.searches_on_host
-                                for layer in self.model.decoder.layers):
-      raise ValueError("the scann memory backend searches on the host, which XLA cannot "
-                       "compile: set Trainer.jit_compile = False (as "
-                       "options/memory_backend_scann.gin does)")
+    self.calls_host = bool(self.model.decoder.host_search_layers)
     self.task_config = self.model.task_config
     self.batch_size = self.task_config.batch_size
     self.sequence_length = self.task_config.sequence_length
@@ -272,8 +287,12 @@ class Trainer:
     return metrics
 
   def _build_steps(self):
-    compile_fn = ((lambda f: f) if self.trace_debug_mode
-                  else (lambda f: tf.function(f, jit_compile=self.jit_compile)))
+    if self.trace_debug_mode:
+      compile_fn = lambda f: f
+    elif self.jit_compile and self.calls_host:
+      compile_fn = lambda f: tf.function(xla_around_host_calls(f))
+    else:
+      compile_fn = lambda f: tf.function(f, jit_compile=self.jit_compile)
     if self.strategy.num_replicas_in_sync == 1:
       def train_step(batch):
         learning_rate = self.learning_rate(self.optimizer.iterations)

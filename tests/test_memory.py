@@ -1,12 +1,14 @@
 """The external kNN memory (invariant 3): search, reset, order, ring buffer, the layer's
 mixture against numpy, and the memory as trainer state (checkpoints, two replicas)."""
 
+import collections
 import logging
 
 import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.eager import context
 
 from meliad_tf import checkpoints
 from meliad_tf import decoder
@@ -606,11 +608,13 @@ def test_scann_memory_is_rebuilt_from_the_restored_state(tmp_path):
                              rtol=1e-6)
 
 
-def test_scann_training_equals_exact_training():
-  scann = build_trainer(files=["options/memory_backend_scann.gin"])
-  exact = build_trainer(files=["options/memory_backend_exact.gin"])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_scann_training_equals_exact_training(jit_compile):
+  binding = f"Trainer.jit_compile = {jit_compile}"
+  scann = build_trainer(binding, files=["options/memory_backend_scann.gin"])
+  exact = build_trainer(binding, files=["options/memory_backend_exact.gin"])
   assert scann.model.decoder.layers[0].memory.backend == "scann"
-  assert not scann.jit_compile
+  assert scann.calls_host and not exact.calls_host
   for _ in range(3):
     np.testing.assert_allclose(scann.train_step()[1]["loss"], exact.train_step()[1]["loss"],
                                rtol=1e-5)
@@ -630,6 +634,25 @@ def test_scann_under_mirrored_strategy_equals_one_device():
   assert sorted(owners) == [("train", 0), ("train", 1)]
 
 
-def test_scann_refuses_xla_steps():
-  with pytest.raises(ValueError, match="Trainer.jit_compile = False"):
-    build_trainer("Trainer.jit_compile = True", files=["options/memory_backend_scann.gin"])
+def _executed_op_types(step):
+  """Op types of the graphs TensorFlow runs for `step`'s functions (after XLA clustering)."""
+  context.context().enable_graph_collection()
+  try:
+    step()
+    metadata = context.context().export_run_metadata()
+  finally:
+    context.context().disable_graph_collection()
+  return collections.Counter(node.op for function in metadata.function_graphs
+                             for graph in function.partition_graphs for node in graph.node)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_scann_steps_compile_all_but_the_search_with_xla(jit_compile):
+  trainer = build_trainer(f"Trainer.jit_compile = {jit_compile}", "Trainer.test_every_steps = 1",
+                          "Trainer.num_test_steps = 1", files=["options/memory_backend_scann.gin"])
+  for step in (trainer.train_step, trainer.test_cycle):
+    ops = _executed_op_types(step)
+    assert ops["PyFunc"] == 1  # the search, run by the graph between the clusters
+    assert (ops["_XlaRun"] > 0) == jit_compile
+    # With XLA, no matmul is left for the graph to run (oneDNN's are _MklMatMul and so on).
+    assert any("MatMul" in op or "Einsum" in op for op in ops) != jit_compile

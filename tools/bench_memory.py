@@ -9,11 +9,10 @@ Step times: the config with options/external_memory_<n>k.gin and each backend, a
 the same config without memory, all in one run. The memory is filled with random unit
 keys before timing (a full memory is the costly case: the dense search does not care,
 but ScaNN does), and documents are made long enough that no stream resets while timed.
-The on-device backends run XLA steps; scann runs graph-mode steps (XLA cannot call the
-host), so it is compared with a graph-mode baseline (and with the XLA one when the sweep
-has one). Each configuration is timed in alternation with its baseline, one step of each
-per round, so that both see the same machine load; times are the best of the rounds,
-with medians.
+All steps are XLA's (with scann, everything in them but the host's search: see
+trainer.xla_around_host_calls). Each configuration is timed in alternation with the
+baseline, one step of each per round, so that both see the same machine load; times are
+the best of the rounds, with medians.
 
 Recall@K against exact search, on keys drawn around 64 random centres (unit vectors
 with noise, a clustered set like real attention keys) with queries from the same
@@ -81,20 +80,18 @@ def _ratios(result, baseline):
 
 
 def timings():
-  """Each memory configuration timed in alternation with the baseline of its step mode.
+  """Each memory configuration timed in alternation with the baseline.
 
-  The baselines live through the whole sweep; each memory configuration is built, timed
-  for --rounds rounds against its baseline and released before the next.
+  The baseline lives through the whole sweep; each memory configuration is built, timed
+  for --rounds rounds against it and released before the next.
   """
   base = ["base_htrans.gin", f"size/{FLAGS.config}.gin"]
-  jit_modes = sorted({backend != "scann" for backend in FLAGS.backends}, reverse=True)
-  baselines = {jit: _timed(base, [f"Trainer.jit_compile = {jit}"]) for jit in jit_modes}
+  baseline = _timed(base)
   results = []
   for size in FLAGS.sizes:
     for backend in FLAGS.backends:
       timed = _timed(base + [f"options/external_memory_{size}k.gin",
                              f"options/memory_backend_{backend}.gin"])
-      baseline = baselines[timed.trainer.jit_compile]
       before = len(baseline.train_times)
       benchmark.alternate([baseline, timed], FLAGS.rounds)
       result = timed.summary()
@@ -102,13 +99,10 @@ def timings():
       paired = baseline.summary(first_round=before)
       result.update(size=f"{size}k", backend=backend, baseline=paired)
       result.update(_ratios(result, paired))
-      if not timed.trainer.jit_compile and True in baselines:
-        result["vs_xla_baseline"] = _ratios(result, baselines[True].summary(first_round=before))
       results.append(result)
       print(json.dumps({k: v for k, v in result.items() if k != "baseline"}), file=sys.stderr)
       del timed
-  return {f"baseline_{'xla' if jit else 'graph'}": baseline.summary()
-          for jit, baseline in baselines.items()} | {"memory": results}
+  return {"baseline": baseline.summary(), "memory": results}
 
 
 def _clustered(rng, count, dim, centres):
