@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+from absl import app
 import pytest
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from meliad_tf import profiling
+from meliad_tools import bench_profile
 
 HLO = """
 HloModule example
@@ -132,3 +134,10 @@ def test_profile_of_a_training_step_attributes_its_time_to_model_parts():
   assert 0 < report["instruction_ms_per_step"] <= report["wall_ms_per_step"] * 1.01
   assert len(report["costliest"]) == 5 and report["matmul"]["gflops_per_second"] > 0
   assert "train step" in result.stderr  # the table
+
+
+def test_profile_refuses_a_step_that_calls_the_host():
+  files = ["base_htrans.gin", "size/tiny_test.gin", "options/external_memory_8k.gin",
+           "options/memory_backend_scann.gin"]
+  with pytest.raises(app.UsageError, match="layer_0 search their memory on the host"):
+    bench_profile.profile(files, ["NUM_LAYERS = 4"], "train", steps=1, top=5)

@@ -46,6 +46,12 @@ def profile(gin_files, gin_params, step, steps, top, trace_dir=None):
   """The `profiling.profile_step` report of one configuration's training or eval step."""
   benchmark.configure(gin_files, list(gin_params) + ["Trainer.jit_compile = True"])
   trainer = trainer_lib.Trainer().build()
+  if trainer.calls_host:
+    raise app.UsageError(
+        f"profile: {', '.join(trainer.model.decoder.host_search_layers)} search their memory "
+        "on the host (memory_on_tpu_factory.backend = 'scann'), so the step is XLA clusters "
+        "around a host call rather than the one XLA program this profile reads; profile it "
+        "with the bucketed or exact backend")
   # pylint: disable=protected-access
   _, batch = trainer._next_batch(trainer.train_iterator)
   if step == "train":
