@@ -620,12 +620,14 @@ def test_scann_training_equals_exact_training(jit_compile):
                                rtol=1e-5)
 
 
-def test_scann_under_mirrored_strategy_equals_one_device():
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_scann_under_mirrored_strategy_equals_one_device(jit_compile):
   """Each replica searches its own streams' indices."""
   files = ["options/memory_backend_scann.gin"]
-  single = build_trainer("TransformerTaskConfig.batch_size = 2", files=files)
+  binding = f"Trainer.jit_compile = {jit_compile}"
+  single = build_trainer("TransformerTaskConfig.batch_size = 2", binding, files=files)
   strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-  mirrored = build_trainer("TransformerTaskConfig.batch_size = 1", strategy=strategy,
+  mirrored = build_trainer("TransformerTaskConfig.batch_size = 1", binding, strategy=strategy,
                            files=files)
   for _ in range(3):
     np.testing.assert_allclose(mirrored.train_step()[1]["loss"],
