@@ -620,7 +620,7 @@ def test_scann_training_equals_exact_training(jit_compile):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_scann_under_mirrored_strategy_equals_one_device(jit_compile):
   """Each replica searches its own streams' indices."""
   files = ["options/memory_backend_scann.gin"]
