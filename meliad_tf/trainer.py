@@ -216,7 +216,6 @@ class Trainer:
       self.optimizer = self.optimizer_config.create()
       self.params = list(self.model.trainable_variables)
       self.optimizer.build(self.params)
-    self.calls_host = bool(self.model.decoder.host_search_layers)
     self.task_config = self.model.task_config
     self.batch_size = self.task_config.batch_size
     self.sequence_length = self.task_config.sequence_length
@@ -249,6 +248,11 @@ class Trainer:
     return pipelines.load_text_dataset(
         self.task, split=split, sequence_length=self.sequence_length,
         batch_size=self.host_batch_size, training=True, seed=seed, input_context=context)
+
+  @property
+  def calls_host(self):
+    """True when a memory layer searches on the host, so a step cannot be one XLA program."""
+    return bool(self.model.decoder.host_search_layers)
 
   def learning_rate(self, step):
     return schedules.learning_rate(step, self.learning_rate_schedule, self.max_scheduled_steps,
