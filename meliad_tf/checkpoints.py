@@ -16,15 +16,22 @@ no older one, and the error says so. Before restoring, the run is compared with
 (what the data iterators read), where present, and with the variables the checkpoint itself
 records, so that a workdir written by another model or for other data is refused with a
 message saying what differs.
+
+Several hosts. Only the chief writes: the signature files and the checkpoint. Every host
+takes part in gathering what it holds: the per-stream state of every replica, and every
+host's position in its data iterators (`DataPositions`); every host restores from the
+chief's checkpoint, so the workdir must be storage they all read (a bucket).
 """
 import collections
 import json
 import os
 import re
-import tempfile
 
 from absl import logging
 import tensorflow as tf
+
+from meliad_tf import distribution
+from meliad_tf import storage
 
 CHECKPOINT_DIRECTORY = "checkpoints"
 CHECKPOINT_NAME = "ckpt"
@@ -37,6 +44,8 @@ _CHECKPOINT_FILE = re.compile(CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+
 # and its temporary copy of the index (renamed into place when complete).
 _TEMPORARY_FILE = re.compile(CHECKPOINT_NAME + r"-\d+_temp$|" + INDEX_FILE + r"\.tmp[0-9a-f]+$")
 _VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+# How checkpoints written before DataPositions held a data iterator: the iterator itself.
+_ITERATOR_SUFFIX = "/.ATTRIBUTES/ITERATOR_STATE"
 # What TensorFlow raises for a checkpoint it cannot read: a missing or damaged file
 # (OpError: NotFound, DataLoss, ...) or a data file shorter than its index says (IndexError).
 _UNREADABLE = (tf.errors.OpError, IndexError)
@@ -52,27 +61,6 @@ class UnreadableCheckpointError(OSError):
 
 class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, ...); the previous one is intact."""
-
-
-def write_atomically(path, text):
-  """Writes a file through a temporary file in the same directory and a rename.
-
-  Raises:
-    OSError: naming `path`; the previous file, if any, is left as it was.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  temporary = None
-  try:
-    os.makedirs(directory, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(descriptor, "w") as f:
-      f.write(text)
-    os.replace(temporary, path)
-  except OSError as e:
-    raise OSError(e.errno, f"could not write {path}: {e.strerror}") from e
-  finally:
-    if temporary is not None and os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def latest_checkpoint(workdir):
@@ -190,8 +178,18 @@ def variable_shapes(root):
 
 def saved_variable_shapes(path, parts):
   """Checkpoint key -> shape of the variables a checkpoint holds under the given parts."""
-  return {key[:-len(_VARIABLE_SUFFIX)]: shape for key, shape in tf.train.list_variables(path)
+  return {key[:-len(_VARIABLE_SUFFIX)]: shape for key, shape in _saved_shapes(path).items()
           if key.endswith(_VARIABLE_SUFFIX) and key.split("/", 1)[0] in parts}
+
+
+def _saved_shapes(path):
+  """Key -> shape of every tensor in the checkpoint `path`.
+
+  `tf.train.list_variables` is not used: it takes `path` for a directory wherever the
+  filesystem says `ckpt-<n>` is one, as the in-memory filesystem does when files start
+  with that name.
+  """
+  return tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
 
 
 def _first_line(error):
@@ -213,6 +211,41 @@ def _read_json(path):
   return value if isinstance(value, dict) else None
 
 
+class DataPositions:
+  """Every host's position in one of its data iterators, as the chief's checkpoint holds it.
+
+  A tf.data iterator saves its position only from the process that runs it, and with
+  several hosts only the chief writes the checkpoint. So before a save each host serializes
+  its iterator's state to bytes (a small record of positions for the pipelines' iterators),
+  the bytes are gathered from every host, and `variable` holds one string per host; after a
+  restore each host takes its own string back into its iterator.
+
+  Args:
+    iterator: this host's tf.data iterator.
+    strategy: the strategy whose hosts take part.
+  """
+
+  def __init__(self, iterator, strategy):
+    self.iterator = iterator
+    self.strategy = strategy
+    self.variable = tf.Variable([b""] * distribution.num_hosts(strategy), trainable=False,
+                                dtype=tf.string)
+
+  def before_save(self):
+    """Gathers every host's iterator state (a collective: every host calls it)."""
+    (state,) = self.iterator._serialize_to_tensors().values()  # pylint: disable=protected-access
+    states = distribution.gather_host_bytes(self.strategy,
+                                            tf.io.serialize_tensor(state).numpy())
+    self.variable.assign(states)
+
+  def after_restore(self):
+    """Moves this host's restored position into its iterator."""
+    state = self.variable[distribution.host_index(self.strategy)]
+    (name,) = self.iterator._serialize_to_tensors()  # pylint: disable=protected-access
+    self.iterator._restore_from_tensors(  # pylint: disable=protected-access
+        {name: tf.io.parse_tensor(state, tf.variant)})
+
+
 class CheckpointKeeper:
   """Saves and restores a trainer's state in `<workdir>/checkpoints`.
 
@@ -226,7 +259,13 @@ class CheckpointKeeper:
   def __init__(self, trainer, workdir, max_to_keep=1):
     self.trainer = trainer
     self.workdir = workdir
+    self.is_chief = distribution.is_chief(trainer.strategy)
     self.directory = os.path.join(workdir, CHECKPOINT_DIRECTORY) if workdir else ""
+    self.data = {"train_data": DataPositions(trainer.train_iterator, trainer.strategy)}
+    if trainer.test_iterator is not None:
+      self.data["test_data"] = DataPositions(trainer.test_iterator, trainer.strategy)
+    # The step of the newest checkpoint written or restored, the same on every host.
+    self.saved_step = None
     self.checkpoint = tf.train.Checkpoint(**self._parts(data=True))
     self.manager = (tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep,
                                                checkpoint_name=CHECKPOINT_NAME)
@@ -240,9 +279,7 @@ class CheckpointKeeper:
       parts.update(train_state=trainer.train_state.checkpointable,
                    test_state=trainer.test_state.checkpointable)
     if data:
-      parts["train_data"] = trainer.train_iterator
-      if trainer.test_iterator is not None:
-        parts["test_data"] = trainer.test_iterator
+      parts.update({name: positions.variable for name, positions in self.data.items()})
     return parts
 
   def restore(self, load_dir=""):
@@ -258,7 +295,7 @@ class CheckpointKeeper:
     restored = False
     if self.directory:
       paths, indexed = checkpoint_candidates(self.directory)
-      if tf.io.gfile.isdir(self.directory):
+      if self.is_chief and tf.io.gfile.isdir(self.directory):
         remove_unfinished_writes(self.directory, paths if indexed else None)
       if paths:
         self._check_signature_files(self.workdir, resume=True)
@@ -337,13 +374,24 @@ class CheckpointKeeper:
 
   def _restore_one(self, workdir, path, resume):
     """Checks one checkpoint's variables against the run, then restores it."""
-    saved_keys = {key.split("/", 1)[0] for key, _ in tf.train.list_variables(path)}
-    # A run that had no test cycles saved no test iterator: the test stream then starts
-    # from its beginning.
+    saved_keys = set(_saved_shapes(path))
+    saved_parts = {key.split("/", 1)[0] for key in saved_keys}
     parts = self._parts(data=resume, states=resume or self.trainer.restore_state_variables)
-    if "test_data" in parts and "test_data" not in saved_keys:
-      logging.info("%s holds no test data iterator; the test stream starts afresh", path)
-      del parts["test_data"]
+    positions = []
+    for name in self.data if resume else ():
+      if name not in saved_parts:
+        # A run that had no test cycles saved no test iterator: the test stream then starts
+        # from its beginning.
+        logging.info("%s holds no %s iterator; that stream starts afresh", path, name)
+        del parts[name]
+      elif f"{name}{_ITERATOR_SUFFIX}" in saved_keys:
+        if distribution.num_hosts(self.trainer.strategy) > 1:
+          raise IncompatibleCheckpointError(
+              f"{path} holds the data position of one host; resume it on one host, or start "
+              f"a new --workdir with --load_dir={workdir}")
+        parts[name] = self.data[name].iterator
+      else:
+        positions.append(self.data[name])
     checkpoint = tf.train.Checkpoint(**parts)
     compare_signatures(saved_variable_shapes(path, parts), variable_shapes(checkpoint),
                        workdir)
@@ -352,9 +400,15 @@ class CheckpointKeeper:
       status.assert_existing_objects_matched()
     else:
       status.expect_partial()
+    for position in positions:
+      position.after_restore()
+    self.saved_step = self.trainer.step
 
   def save(self):
     """Writes a checkpoint numbered by the optimizer step (the next step to run).
+
+    With several hosts every host calls it at the same step: they all gather what the
+    checkpoint holds, and the chief writes it.
 
     Returns:
       The checkpoint path; None without a workdir. A checkpoint of this step that already
@@ -366,16 +420,24 @@ class CheckpointKeeper:
     if self.manager is None:
       return None
     step = self.trainer.step
+    path = os.path.join(self.directory, f"{CHECKPOINT_NAME}-{step}")
+    if self.saved_step == step:
+      return path
     latest = self.manager.latest_checkpoint
-    if latest and checkpoint_step(latest) == step:
-      return latest
     self.trainer.train_state.before_save()
     self.trainer.test_state.before_save()
+    for positions in self.data.values():
+      positions.before_save()
+    if not self.is_chief:
+      self.saved_step = step
+      return path
     try:
-      write_atomically(os.path.join(self.workdir, SIGNATURE_FILE),
-                       json.dumps(self.trainer.parameter_summary(), indent=1, sort_keys=True))
-      write_atomically(os.path.join(self.workdir, DATA_SIGNATURE_FILE),
-                       json.dumps(self.trainer.data_signature(), indent=1, sort_keys=True))
+      storage.write_atomically(
+          os.path.join(self.workdir, SIGNATURE_FILE),
+          json.dumps(self.trainer.parameter_summary(), indent=1, sort_keys=True))
+      storage.write_atomically(
+          os.path.join(self.workdir, DATA_SIGNATURE_FILE),
+          json.dumps(self.trainer.data_signature(), indent=1, sort_keys=True))
       path = self.manager.save(checkpoint_number=step)
     except (tf.errors.OpError, OSError) as e:
       self._remove_partial_write(step)
@@ -383,6 +445,7 @@ class CheckpointKeeper:
           f"could not write the checkpoint of step {step} in {self.directory}: "
           f"{_first_line(e)}. The previous checkpoint ({latest or 'none'}) is intact; make "
           f"room and run the same command again to continue from it") from e
+    self.saved_step = step
     logging.info("saved %s", path)
     return path
 

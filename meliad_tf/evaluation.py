@@ -26,6 +26,7 @@ import tensorflow as tf
 
 import pipelines
 from meliad_tf import model as model_lib
+from meliad_tf import storage
 
 
 def _rates(loss, tokens, num_bytes):
@@ -320,5 +321,5 @@ def plot_loss_by_offset(loss_by_offset, path, title):
   axes.set_title(title)
   axes.grid(True, alpha=0.3)
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  storage.save_figure(figure, path, dpi=100)
   pyplot.close(figure)

@@ -26,8 +26,10 @@ Assets: `config.gin` (the run's operative configuration), `metadata.json` (famil
 sizes, L, W, B, vocabulary, state shapes) and the vocabulary (`vocabulary.json` for the
 byte schemes, `vocabulary.model` for SentencePiece).
 
-`export` writes the directory atomically: into a temporary sibling, renamed into place
-only once complete, so a failed export leaves nothing under the target name. A memory
+`export` writes the directory into a temporary sibling and moves it into place only once
+complete (`storage.publish_directory`, with `saved_model.pb` moved last where the move is
+not one rename, as on GCS), so a failed export leaves nothing a loader accepts under the
+target name. Every path may be on any filesystem TensorFlow reads (`gs://...`). A memory
 searched on the host (the ScaNN backend, a Python call inside the step) cannot be held by a
 SavedModel: such models are refused and can be evaluated in process.
 """
@@ -35,8 +37,6 @@ SavedModel: such models are refused and can be evaluated in process.
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import gin
 import tensorflow as tf
@@ -45,10 +45,13 @@ import pipelines
 from meliad_tf import checkpoint_loading
 from meliad_tf import generation
 from meliad_tf import gin_setup
+from meliad_tf import storage
 
 FORMAT = "meliad-tf-saved-model"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+# The file that makes a directory a SavedModel; written last.
+SAVED_MODEL_FILE = "saved_model.pb"
 CONFIG_FILE = "config.gin"
 BYTE_VOCABULARY_FILE = "vocabulary.json"
 SENTENCEPIECE_FILE = "vocabulary.model"
@@ -278,19 +281,17 @@ def _write_assets(directory, vocabulary, config_text, meta):
   """Writes the asset files into `directory`; returns their paths by name."""
   paths = {"config": os.path.join(directory, CONFIG_FILE),
            "metadata": os.path.join(directory, METADATA_FILE)}
-  with open(paths["config"], "w") as f:
-    f.write(config_text)
-  with open(paths["metadata"], "w") as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
+  storage.write_atomically(paths["config"], config_text)
+  storage.write_atomically(paths["metadata"], json.dumps(meta, indent=1, sort_keys=True))
   if vocabulary.kind == "sentencepiece":
     paths["vocabulary"] = os.path.join(directory, SENTENCEPIECE_FILE)
     tf.io.gfile.copy(vocabulary.model_path, paths["vocabulary"], overwrite=True)
   else:
     paths["vocabulary"] = os.path.join(directory, BYTE_VOCABULARY_FILE)
-    with open(paths["vocabulary"], "w") as f:
-      json.dump({"kind": vocabulary.kind, "vocab_size": vocabulary.vocab_size,
-                 "offset": _BYTE_OFFSETS[vocabulary.kind], "pad_id": 0,
-                 "scheme": _BYTE_DESCRIPTIONS[vocabulary.kind]}, f, indent=1)
+    storage.write_atomically(paths["vocabulary"], json.dumps(
+        {"kind": vocabulary.kind, "vocab_size": vocabulary.vocab_size,
+         "offset": _BYTE_OFFSETS[vocabulary.kind], "pad_id": 0,
+         "scheme": _BYTE_DESCRIPTIONS[vocabulary.kind]}, indent=1))
   return paths
 
 
@@ -318,7 +319,7 @@ def export(module, output_dir, *, vocabulary, config_text, task_name, step, over
     ExportError: if `output_dir` exists and `overwrite` is False, or the model searches a
       memory on the host (ScaNN), which a SavedModel cannot hold.
   """
-  output_dir = os.path.abspath(output_dir)
+  output_dir = storage.absolute(output_dir)
   host_layers = module.model.decoder.host_search_layers
   if host_layers:
     raise ExportError(
@@ -326,37 +327,26 @@ def export(module, output_dir, *, vocabulary, config_text, task_name, step, over
         "through a Python call (memory_on_tpu_factory.backend = 'scann'), which a SavedModel "
         "cannot hold; export with --gin_param=\"memory_on_tpu_factory.backend = 'exact'\" "
         "(or 'bucketed', Meliad's), or evaluate in process with meliad-eval --workdir")
-  if os.path.exists(output_dir) and not overwrite:
-    raise ExportError(f"{output_dir} already exists; remove it or pass --overwrite")
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
+  if tf.io.gfile.exists(output_dir) and not overwrite:
+    incomplete = not tf.io.gfile.exists(os.path.join(output_dir, SAVED_MODEL_FILE))
+    raise ExportError(f"{output_dir} already exists"
+                      + (" (an interrupted export: it has no saved_model.pb)" if incomplete
+                         else "") + "; remove it or pass --overwrite")
   meta = metadata(module, vocabulary=vocabulary, task_name=task_name, step=step)
-  name = os.path.basename(output_dir)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+  tf.io.gfile.makedirs(storage.parent(output_dir))
+  staging = storage.staging_directory(output_dir)
   try:
-    assets_source = os.path.join(staging, "asset_sources")
-    os.makedirs(assets_source)
-    paths = _write_assets(assets_source, vocabulary, config_text, meta)
+    paths = _write_assets(os.path.join(staging, "asset_sources"), vocabulary, config_text,
+                          meta)
     module.config_file = tf.saved_model.Asset(paths["config"])
     module.metadata_file = tf.saved_model.Asset(paths["metadata"])
     module.vocabulary_file = tf.saved_model.Asset(paths["vocabulary"])
     saved = os.path.join(staging, "saved_model")
     tf.saved_model.save(module, saved, signatures=_signatures(module))
-    _replace_directory(saved, output_dir, parent, name)
+    storage.publish_directory(saved, output_dir, last_file=SAVED_MODEL_FILE)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_directory(staging)
   return meta
-
-
-def _replace_directory(source, target, parent, name):
-  """Renames `source` to `target`; an existing `target` is moved away first, then deleted."""
-  if not os.path.exists(target):
-    os.rename(source, target)
-    return
-  old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.old-")
-  os.rename(target, os.path.join(old, name))
-  os.rename(source, target)
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(saved_model_dir):
@@ -367,6 +357,9 @@ def read_metadata(saved_model_dir):
   """
   if not tf.io.gfile.isdir(saved_model_dir):
     raise ValueError(f"--saved_model={saved_model_dir} does not exist or is not a directory")
+  if not tf.io.gfile.exists(os.path.join(saved_model_dir, SAVED_MODEL_FILE)):
+    raise ValueError(f"{saved_model_dir} has no {SAVED_MODEL_FILE}: it is not a SavedModel, "
+                     "or an export into it was interrupted; export it again")
   path = os.path.join(saved_model_dir, "assets", METADATA_FILE)
   if not tf.io.gfile.exists(path):
     raise ValueError(f"{saved_model_dir} is not a SavedModel written by meliad-export: it has no "

@@ -6,12 +6,18 @@ import os
 import tokenize
 
 import gin
+import tensorflow as tf
 
 import meliad_configs
 import meliad_tf  # pylint: disable=unused-import  # Registers the configurables.
 import pipelines  # pylint: disable=unused-import
 
 CONFIG_DIRECTORY = os.path.dirname(os.path.abspath(meliad_configs.__file__))
+
+# Gin opens files with `open`; through tf.io.gfile, gin files, their includes and search
+# paths may also be in a bucket (gs://...).
+gin.config.register_file_reader(
+    tf.io.gfile.GFile, lambda path: tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path))
 
 
 def parse(gin_files, gin_params=(), search_paths=()):

@@ -1,6 +1,5 @@
 """Reading TensorBoard scalars back from a workdir and plotting training curves."""
 
-import glob
 import os
 
 import matplotlib
@@ -9,23 +8,41 @@ matplotlib.use("Agg")
 from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
+from meliad_tf import storage
+
+_EVENT_FILES = "events.out.tfevents.*"
+
+
+def _event_files(workdir):
+  """(tag prefix, path) of the event files of a run, in the order they were written.
+
+  Scalars are under `workdir` with tags `<mode>/<name>`, or, written with
+  `use_separate_metric_directories`, under `workdir/<mode>` with tags `<name>`.
+  """
+  found = [("", path) for path in tf.io.gfile.glob(os.path.join(workdir, _EVENT_FILES))]
+  for path in tf.io.gfile.glob(os.path.join(workdir, "*", _EVENT_FILES)):
+    found.append((os.path.basename(os.path.dirname(path)) + "/", path))
+  return sorted(found, key=lambda item: _write_order(item[1]))
+
 
 def read_scalars(workdir):
-  """{tag: [(step, value), ...]} from every event file directly under `workdir`.
+  """{tag: [(step, value), ...]} from every event file of a run (see `_event_files`).
 
   Raises:
     FileNotFoundError: if the workdir holds no event files.
   """
-  files = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")), key=_write_order)
+  files = _event_files(workdir)
   if not files:
-    raise FileNotFoundError(f"no TensorBoard event files in {workdir}")
+    raise FileNotFoundError(f"no TensorBoard event files in {workdir} or its subdirectories")
   scalars = {}
-  for path in files:
-    for event in tf.compat.v1.train.summary_iterator(path):
+  for prefix, path in files:
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
       for value in event.summary.value:
         if value.metadata.plugin_data.plugin_name != "scalars":
           continue
-        scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+        tag = value.tag if "/" in value.tag else prefix + value.tag
+        scalars.setdefault(tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
   # A resumed run may rewrite steps; the last value written for a step wins.
   return {tag: sorted(points.items()) for tag, points in scalars.items()}
 
@@ -41,13 +58,24 @@ def _write_order(path):
     return 0, 0, path
 
 
+def parse_run(spec):
+  """`LABEL:WORKDIR` or a bare `WORKDIR` -> (label, workdir).
+
+  A bare workdir with a scheme (`gs://bucket/run`) is its own label, not label `gs`.
+  """
+  label, colon, workdir = spec.partition(":")
+  if not colon or workdir.startswith("//"):
+    return spec, spec
+  return label, workdir
+
+
 def plot_curves(runs, tags, output, title=None):
   """One panel per tag, one line per run.
 
   Args:
     runs: {label: workdir}.
     tags: scalar tags, e.g. ["train/bits_per_token", "test/bits_per_token"].
-    output: PNG path.
+    output: PNG path (any filesystem).
   """
   figure, axes = pyplot.subplots(1, len(tags), figsize=(5 * len(tags), 3.6), squeeze=False)
   for index, (label, workdir) in enumerate(runs.items()):
@@ -65,5 +93,5 @@ def plot_curves(runs, tags, output, title=None):
   if title:
     figure.suptitle(title)
   figure.tight_layout()
-  figure.savefig(output, dpi=100)
+  storage.save_figure(figure, output, dpi=100)
   pyplot.close(figure)

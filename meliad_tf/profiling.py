@@ -15,7 +15,6 @@ The trace flag must be in XLA_FLAGS before XLA first compiles (`enable_tracing`)
 import bisect
 import collections
 import functools
-import glob
 import math
 import os
 import re
@@ -179,11 +178,12 @@ def read_trace(logdir):
   """
   # pylint: disable-next=import-outside-toplevel
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  paths = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
+  paths = sorted(tf.io.gfile.glob(os.path.join(logdir, "plugins", "profile", "*",
+                                                "*.xplane.pb")))
   if not paths:
     raise FileNotFoundError(f"no profile was written under {logdir}")
   space = xplane_pb2.XSpace()
-  with open(paths[-1], "rb") as f:
+  with tf.io.gfile.GFile(paths[-1], "rb") as f:
     space.ParseFromString(f.read())
   starts, completions = collections.defaultdict(list), collections.defaultdict(list)
   for plane in space.planes:

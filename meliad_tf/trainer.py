@@ -9,6 +9,17 @@ same command continues from its last checkpoint with the losses of a run never i
 SIGTERM (a preemption notice) and SIGINT stop the loop at the next step boundary, after a
 checkpoint. A non-finite loss stops the run before anything more is saved, or with
 `skip_nonfinite_steps` leaves that step without effect.
+
+Each call of the compiled training function runs up to `steps_per_loop` steps in a loop
+(what keeps a TPU busy); a call ends early where periodic work is due, so summaries, test
+cycles and checkpoints come at the same steps whatever `steps_per_loop` is.
+
+Several hosts (MultiWorkerMirroredStrategy): every host runs this loop on its own streams;
+the chief alone writes the workdir (config, summaries, step losses, checkpoints). A signal
+on any host is voted inside the next training call, so that every host stops after the
+same step and the checkpoint they save together is consistent. A host that dies makes the
+others' next collective fail (TensorFlow's coordination service notices the missing
+heartbeats within seconds), and they stop with `WorkerLostError`.
 """
 
 import json
@@ -29,6 +40,7 @@ from meliad_tf import optimizer as optimizer_lib
 from meliad_tf import profiling
 from meliad_tf import schedules
 from meliad_tf import state as state_lib
+from meliad_tf import storage
 from meliad_tf import summaries
 
 # Batch fields the compiled steps take; the rest (document ids, epochs) stays on the host.
@@ -84,7 +96,8 @@ class TrainingInterrupted(Exception):
   """SIGTERM or SIGINT stopped the run at a step boundary, after a checkpoint.
 
   Attributes:
-    signal_number: the signal received (meliad-train exits with 128 + it).
+    signal_number: the signal received, by this host or another one (meliad-train exits
+      with 128 + it).
   """
 
   def __init__(self, message, signal_number):
@@ -92,9 +105,21 @@ class TrainingInterrupted(Exception):
     self.signal_number = signal_number
 
 
+class WorkerLostError(RuntimeError):
+  """Another host of the cluster stopped answering (it died, or its network did)."""
+
+
 # What bad input (configuration, data, workdir, disk) raises from Trainer.build and
 # Trainer.train; meliad-train prints their message without a traceback.
-USER_ERRORS = (ValueError, OSError, NonFiniteLossError)
+USER_ERRORS = (ValueError, OSError, NonFiniteLossError, WorkerLostError)
+# What a collective raises when a peer host is gone: the coordination service reports the
+# missing heartbeats (Unavailable), or the peer's connection breaks (Aborted, Cancelled,
+# DeadlineExceeded).
+_PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                  tf.errors.CancelledError, tf.errors.DeadlineExceededError)
+# The signals a host can vote for, in the order of the vote vector: SIGTERM wins over
+# SIGINT when hosts received different ones, since a preemption is coming either way.
+_VOTED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @gin.configurable(module="training_loop")
@@ -134,8 +159,12 @@ class Trainer:
       the data move on) and is counted in `train/skipped_steps`; off, such a step stops
       the run with NonFiniteLossError before anything is saved.
     record_step_losses: append every step's training loss to `<workdir>/step_losses.jsonl`
-      as `{"step": s, "loss": x}` (null and `"skipped": true` for a skipped step); a
-      restarted run appends, so the steps it repeats appear again.
+      as `{"step": s, "loss": x}` (null and `"skipped": true` for a skipped step). A
+      restarted run first drops the records of the steps it repeats (those after its
+      checkpoint). On a local disk each record is flushed as it is written; on other
+      filesystems (a bucket) at checkpoints and at the end.
+    steps_per_loop: training steps per call of the compiled training function (a loop in
+      the graph, as Orbit's `use_tf_while_loop`); fewer where periodic work comes sooner.
   """
 
   def __init__(self, model_definition=model_lib.DecoderOnlyLanguageModel, num_steps=250_000,
@@ -148,7 +177,8 @@ class Trainer:
                warmup_steps=1000, learning_rate_multiplier=1.0,
                rng_key_names=("dropout", "sample"), random_seed=42, replicate_mode=True,
                trace_debug_mode=False, print_variables=False, jit_compile=True,
-               max_checkpoints_to_keep=1, skip_nonfinite_steps=False, record_step_losses=False):
+               max_checkpoints_to_keep=1, skip_nonfinite_steps=False, record_step_losses=False,
+               steps_per_loop=1):
     del rng_key_names, replicate_mode  # Dropout seeds are derived from (random_seed, step).
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps),
                         ("status_every_steps", status_every_steps),
@@ -158,7 +188,8 @@ class Trainer:
                         ("print_input_every_steps", print_input_every_steps),
                         ("parameter_metrics_every_steps", parameter_metrics_every_steps),
                         ("random_seed", random_seed),
-                        ("max_checkpoints_to_keep", max_checkpoints_to_keep)):
+                        ("max_checkpoints_to_keep", max_checkpoints_to_keep),
+                        ("steps_per_loop", steps_per_loop)):
       if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Trainer.{name} must be an integer, got {value!r}")
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps)):
@@ -178,6 +209,8 @@ class Trainer:
     if max_checkpoints_to_keep < 1:
       raise ValueError(f"Trainer.max_checkpoints_to_keep must be >= 1, got "
                        f"{max_checkpoints_to_keep}")
+    if steps_per_loop < 1:
+      raise ValueError(f"Trainer.steps_per_loop must be >= 1, got {steps_per_loop}")
     self.model_definition = model_definition
     self.num_steps = num_steps
     self.status_every_steps = status_every_steps
@@ -203,6 +236,7 @@ class Trainer:
     self.max_checkpoints_to_keep = max_checkpoints_to_keep
     self.skip_nonfinite_steps = skip_nonfinite_steps
     self.record_step_losses = record_step_losses
+    self.steps_per_loop = steps_per_loop
 
   # ---------------------------------------------------------------------------------------
   # Building
@@ -210,6 +244,7 @@ class Trainer:
   def build(self, strategy=None):
     """Creates the model, optimizer, per-stream states, data iterators and step functions."""
     self.strategy = strategy or tf.distribute.get_strategy()
+    self.is_chief = distribution.is_chief(self.strategy)
     tf.random.set_seed(self.random_seed)
     with self.strategy.scope():
       self.model = self.model_definition()
@@ -239,6 +274,16 @@ class Trainer:
     self.test_iterator = (iter(self._dataset(self.task_config.test_split, self.random_seed + 1,
                                              context))
                           if self.num_test_steps and self.test_every_steps else None)
+    if (self.steps_per_loop > 1 and self.calls_host and self.jit_compile
+        and self.strategy.num_replicas_in_sync > 1):
+      # TensorFlow's clustering around the host call fails inside a loop over several
+      # replicas (it merges the replicas' ops into one cluster); the host call costs a
+      # round trip every step anyway.
+      raise ValueError(
+          f"Trainer.steps_per_loop = {self.steps_per_loop} is not supported with "
+          f"{', '.join(self.model.decoder.host_search_layers)} searching their memory on the "
+          "host (memory_on_tpu_factory.backend = 'scann') on several replicas with XLA; use "
+          "Trainer.steps_per_loop = 1")
     # Calling the schedule once here puts its gin bindings in the operative config.
     self.learning_rate(tf.constant(0, tf.int64))
     self._build_steps()
@@ -298,36 +343,25 @@ class Trainer:
     else:
       compile_fn = lambda f: tf.function(f, jit_compile=self.jit_compile)
     if self.strategy.num_replicas_in_sync == 1:
-      def train_step(batch):
-        learning_rate = self.learning_rate(self.optimizer.iterations)
-        grads, metrics, new_state = self._forward_backward(
-            batch, self._dropout_seed(self.optimizer.iterations))
-        finite = _all_finite(metrics["loss"], grads)
-        self._store_train_state(new_state, finite)
-        if self.skip_nonfinite_steps:
-          self._apply_on_every_replica(grads, learning_rate, finite)
-        else:
-          self.optimizer.apply_gradients(grads, self.params, learning_rate)
-        return dict(metrics, learning_rate=learning_rate,
-                    **{ALL_FINITE: tf.cast(finite, tf.float32)})
+      # One program for the whole loop, optimizer included.
+      forward_backward, evaluate, outer = self._forward_backward, self._evaluate, compile_fn
+    else:
+      # Each replica's pass is compiled; the all-reduce and the update run around it.
+      forward_backward = compile_fn(self._forward_backward)
+      evaluate = compile_fn(self._evaluate)
+      outer = (lambda f: f) if self.trace_debug_mode else tf.function
 
-      self._train_step = compile_fn(train_step)
-      self._test_step = compile_fn(self._evaluate)
-      return
-
-    forward_backward = compile_fn(self._forward_backward)
-    evaluate = compile_fn(self._evaluate)
-    mean = tf.distribute.ReduceOp.MEAN
-
-    def distributed_train_step(batch):
+    def train_step(batches, index):
       learning_rate = self.learning_rate(self.optimizer.iterations)
       seed = self._dropout_seed(self.optimizer.iterations)
       # A Python function around the compiled one: handed a tf.function directly,
       # MirroredStrategy traces it once and every replica then reads replica 0's state.
-      grads, metrics, new_state = self.strategy.run(lambda b, s: forward_backward(b, s),
-                                                    (batch, seed))
+      grads, metrics, new_state = self.strategy.run(
+          lambda b, s: forward_backward(tf.nest.map_structure(lambda x: x[index], b), s),
+          (batches, seed))
       # Each replica's loss is the sum over its streams; gradients are averaged (pmean).
-      grads = self.strategy.reduce(mean, grads, axis=None)
+      grads = self.strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN,
+                                                     list(zip(grads, self.params)))
       metrics = self._reduce_metrics(metrics)
       # One decision for all replicas, so that a skipped step leaves every stream as it was.
       finite = _all_finite(metrics["loss"], grads)
@@ -337,12 +371,33 @@ class Trainer:
       return dict(metrics, learning_rate=learning_rate,
                   **{ALL_FINITE: tf.cast(finite, tf.float32)})
 
-    def distributed_test_step(batch):
+    def metrics_row(metrics):
+      # The keys are known once the step is traced; the host reads the rows by them.
+      self.metric_keys = sorted(metrics)
+      return tf.stack([tf.cast(metrics[k], tf.float32) for k in self.metric_keys])
+
+    def train_steps(batches, num_steps, stop_votes):
+      """Runs `num_steps` steps on `batches` (fields [steps_per_loop, B, ...]).
+
+      Returns:
+        ([steps_per_loop, len(metric_keys)] float32 rows of the steps' metrics, zero past
+        `num_steps`; the stop votes [len(_VOTED_SIGNALS)] summed over the replicas).
+      """
+      if self.steps_per_loop == 1:
+        rows = metrics_row(train_step(batches, 0))[tf.newaxis]
+      else:
+        rows = tf.TensorArray(tf.float32, size=self.steps_per_loop)
+        for index in tf.range(num_steps):
+          rows = rows.write(index, metrics_row(train_step(batches, index)))
+        rows = rows.stack()
+      votes = self.strategy.reduce(tf.distribute.ReduceOp.SUM, stop_votes, axis=None)
+      return rows, votes
+
+    def test_step(batch):
       return self._reduce_metrics(self.strategy.run(lambda b: evaluate(b), (batch,)))
 
-    wrap = (lambda f: f) if self.trace_debug_mode else tf.function
-    self._train_step = wrap(distributed_train_step)
-    self._test_step = wrap(distributed_test_step)
+    self._train_steps = outer(train_steps)
+    self._test_step = outer(test_step)
 
   def _reduce_metrics(self, per_replica):
     """Counts add up across replicas; diagnostics are averaged."""
@@ -380,25 +435,74 @@ class Trainer:
                                     group=False)
     self.optimizer.iterations.assign_add(1)
 
-  def _next_batch(self, iterator):
+  def _read_batch(self, iterator):
     try:
-      host = next(iterator)
+      return next(iterator)
     except tf.errors.OpError as e:
       split = (self.task_config.train_split if iterator is self.train_iterator
                else self.task_config.test_split)
       raise DataError(f"reading split {split!r} of task {self.task_config.dataset_name!r} "
                       f"failed: {_without_graph_context(e.message)}") from e
+
+  def _next_batch(self, iterator):
+    """The next host batch, and its model inputs split across the local replicas."""
+    host = self._read_batch(iterator)
     inputs = {key: host[key] for key in MODEL_INPUTS if key in host}
     return host, distribution.split_streams(self.strategy, inputs, self.batch_size)
 
   # ---------------------------------------------------------------------------------------
   # Steps
 
+  @property
+  def train_function(self):
+    """The compiled training loop: (batches, num_steps, stop votes) -> (metric rows, votes)."""
+    return self._train_steps
+
+  def train_call_arguments(self, num_steps, stop_signal=None):
+    """Reads `num_steps` host batches; returns them and the arguments of `train_function`.
+
+    Args:
+      num_steps: 1 to `steps_per_loop`.
+      stop_signal: a signal this host received, voted for inside the call (None: none).
+    """
+    if not 1 <= num_steps <= self.steps_per_loop:
+      raise ValueError(f"num_steps must be in [1, {self.steps_per_loop}], got {num_steps}")
+    hosts = [self._read_batch(self.train_iterator) for _ in range(num_steps)]
+    stacked = {}
+    for key in MODEL_INPUTS:
+      if key in hosts[0]:
+        values = [host[key] for host in hosts]
+        # The loop's inputs keep one shape; it never reads the padding.
+        values += [tf.zeros_like(values[0])] * (self.steps_per_loop - num_steps)
+        stacked[key] = tf.stack(values)
+    votes = np.zeros([len(_VOTED_SIGNALS)], np.float32)
+    if stop_signal is not None:
+      votes[_VOTED_SIGNALS.index(stop_signal)] = 1.0
+    return hosts, (distribution.split_streams(self.strategy, stacked, self.batch_size, axis=1),
+                   tf.constant(num_steps),
+                   distribution.on_every_replica(self.strategy, tf.constant(votes)))
+
+  def train_steps(self, num_steps, stop_signal=None):
+    """Runs `num_steps` training steps in one call of the compiled loop.
+
+    Args:
+      num_steps: 1 to `steps_per_loop`.
+      stop_signal: a signal this host received, voted for inside the call (None: none).
+    Returns:
+      (the host batches, one dict of metric sums per step, and the signal that some host
+      voted for, or None).
+    """
+    hosts, arguments = self.train_call_arguments(num_steps, stop_signal)
+    rows, votes = self._train_steps(*arguments)
+    rows = rows.numpy()
+    metrics = [dict(zip(self.metric_keys, rows[i])) for i in range(num_steps)]
+    voted = next((s for s, v in zip(_VOTED_SIGNALS, votes.numpy()) if v > 0), None)
+    return hosts, metrics, voted
+
   def train_step(self):
     """Runs one training step on the next batch; returns (host batch, metric sums)."""
-    host, batch = self._next_batch(self.train_iterator)
-    metrics = {k: v.numpy() for k, v in self._train_step(batch).items()}
-    return host, metrics
+    hosts, metrics, _ = self.train_steps(1)
+    return hosts[0], metrics[0]
 
   def test_cycle(self):
     """Runs `num_test_steps` test steps; returns the metrics summed over them."""
@@ -421,16 +525,20 @@ class Trainer:
 
     SIGTERM (a preemption notice) or SIGINT stops the run at the next step boundary: it
     saves a checkpoint there and raises TrainingInterrupted; a second signal acts at once.
-    Signals are caught only when `train` runs in the main thread.
+    Signals are caught only when `train` runs in the main thread. With several hosts,
+    every host calls `train` with the same arguments, and a signal to any of them stops
+    them all after the same step.
 
     Args:
-      workdir: checkpoints, TensorBoard summaries and config.gin ("" for none).
+      workdir: checkpoints, TensorBoard summaries and config.gin ("" for none); any
+        filesystem TensorFlow reads (`gs://...`). With several hosts, storage they share.
       load_dir: a workdir to start from when `workdir` has no checkpoint yet.
     Raises:
       NonFiniteLossError: a step's loss or gradients were not finite and
         `skip_nonfinite_steps` is off; nothing is saved after the last good step.
       TrainingInterrupted: after SIGTERM or SIGINT, once the checkpoint is written.
       DataError: the input pipeline failed on the data.
+      WorkerLostError: another host stopped answering.
       checkpoints.IncompatibleCheckpointError, checkpoints.UnreadableCheckpointError: the
         workdir (or load_dir) holds a checkpoint this run cannot continue from.
       checkpoints.CheckpointWriteError: a checkpoint could not be written; the previous
@@ -438,17 +546,47 @@ class Trainer:
     """
     if workdir and tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
       raise ValueError(f"the workdir {workdir} is a file, not a directory")
+    try:
+      return self._train(workdir, load_dir)
+    except _PEER_FAILURES as e:
+      if distribution.num_hosts(self.strategy) == 1:
+        raise
+      raise WorkerLostError(
+          f"lost contact with another host of the cluster at step {self.step}: "
+          f"{_without_graph_context(e.message).split('. ')[0]}. Start every host again with "
+          "the same command to continue from the last checkpoint") from e
+
+  def _train(self, workdir, load_dir):
     self.checkpoints = checkpoints.CheckpointKeeper(self, workdir, self.max_checkpoints_to_keep)
+    # Only the chief writes the workdir; the other hosts read its checkpoints.
+    own_workdir = workdir if self.is_chief else ""
     with _StopRequests() as stop_requests:
       if self.restore_checkpoints:
         self.checkpoints.restore(load_dir)
-      if workdir:
-        checkpoints.write_atomically(os.path.join(workdir, "config.gin"),
-                                     gin.operative_config_str())
-      losses_path = (os.path.join(workdir, STEP_LOSSES_FILE)
-                     if workdir and self.record_step_losses else "")
-      with _StepLossLog(losses_path) as step_losses:
-        return self._train_loop(workdir, stop_requests, step_losses)
+      if own_workdir:
+        storage.write_atomically(os.path.join(own_workdir, "config.gin"),
+                                 gin.operative_config_str())
+      losses_path = (os.path.join(own_workdir, STEP_LOSSES_FILE)
+                     if own_workdir and self.record_step_losses else "")
+      with _StepLossLog(losses_path, self.step) as step_losses:
+        return self._train_loop(own_workdir, stop_requests, step_losses)
+
+  def _periodic_work_after(self, step):
+    """Whether summaries, a test cycle or a checkpoint come after training step `step`."""
+    periods = [self.print_input_every_steps, self.log_every_steps,
+               self.parameter_metrics_every_steps]
+    if self.test_iterator is not None:
+      periods.append(self.test_every_steps)
+    if self.save_checkpoints:
+      periods.append(self.checkpoint_every_steps)
+    return any(should_run(step, every) for every in periods)
+
+  def _steps_in_next_call(self, step):
+    """Steps from `step` to the next one after which periodic work comes, at most
+    `steps_per_loop` and never past `num_steps`."""
+    last = min(self.num_steps, step + self.steps_per_loop) - 1
+    return next(s for s in range(step, last + 1)
+                if s == last or self._periodic_work_after(s)) - step + 1
 
   def _train_loop(self, workdir, stop_requests, step_losses):
     writer = summaries.SummaryWriter(workdir, self.use_separate_metric_directories)
@@ -459,31 +597,32 @@ class Trainer:
     test_metrics, last_test_step = None, None
     skipped_steps = 0
     while self.step < self.num_steps:
-      if stop_requests.signal_number is not None:
-        self._stop(stop_requests.signal_number, writer)
-      step = self.step
-      host, metrics = self.train_step()
-      finite = bool(metrics.pop(ALL_FINITE))
-      step_losses.write(step, metrics["loss"] if finite else None,
-                        skipped=not finite and self.skip_nonfinite_steps)
-      if finite:
-        accumulated.add(metrics)
-      elif self.skip_nonfinite_steps:
-        skipped_steps += 1
-        logging.warning("step %d skipped: the training loss (%s) or a gradient is not finite",
-                        step, metrics["loss"])
-      else:
-        raise NonFiniteLossError(
-            f"the training loss ({metrics['loss']}) or a gradient is not finite at step "
-            f"{step}; stopping. {self._last_checkpoint_note()} To skip such steps instead, set "
-            "Trainer.skip_nonfinite_steps = True")
+      first = self.step
+      hosts, metrics, voted = self.train_steps(self._steps_in_next_call(first),
+                                               stop_requests.signal_number)
+      for step, step_metrics in enumerate(metrics, start=first):
+        finite = bool(step_metrics.pop(ALL_FINITE))
+        step_losses.write(step, step_metrics["loss"] if finite else None,
+                          skipped=not finite and self.skip_nonfinite_steps)
+        if finite:
+          accumulated.add(step_metrics)
+        elif self.skip_nonfinite_steps:
+          skipped_steps += 1
+          logging.warning("step %d skipped: the training loss (%s) or a gradient is not "
+                          "finite", step, step_metrics["loss"])
+        else:
+          raise NonFiniteLossError(
+              f"the training loss ({step_metrics['loss']}) or a gradient is not finite at "
+              f"step {step}; stopping. {self._last_checkpoint_note()} To skip such steps "
+              "instead, set Trainer.skip_nonfinite_steps = True")
+      step = self.step - 1
       progress.update(step + 1)
       is_last = step + 1 == self.num_steps
-      if should_run(step, self.status_every_steps) or is_last:
+      if is_last or any(should_run(s, self.status_every_steps) for s in range(first, step + 1)):
         logging.info("%s", progress.line(accumulated.latest_summary() if accumulated.last
                                          else {}))
       if should_run(step, self.print_input_every_steps):
-        writer.text("train", "input", self._decode_first_stream(host), step)
+        writer.text("train", "input", self._decode_first_stream(hosts[-1]), step)
       if should_run(step, self.test_every_steps) and self.test_iterator is not None:
         test_metrics, last_test_step = self._test_and_log(writer, step), step
       if should_run(step, self.log_every_steps) or is_last:
@@ -497,8 +636,11 @@ class Trainer:
         writer.parameter_statistics(self.model, step)
       if self.save_checkpoints and (should_run(step, self.checkpoint_every_steps) or is_last):
         self.checkpoints.save()
+        step_losses.flush()
         if not self.parameter_metrics_every_steps:
           writer.parameter_statistics(self.model, step)
+      if voted is not None:
+        self._stop(voted, stop_requests.signal_number is None, writer, step_losses)
     # The result reflects the final parameters, as the main job reports it.
     final_step = self.step - 1
     if self.test_iterator is not None and final_step >= 0 and last_test_step != final_step:
@@ -512,15 +654,17 @@ class Trainer:
       return f"The last good checkpoint, {latest}, is kept."
     return "No checkpoint was written."
 
-  def _stop(self, signal_number, writer):
+  def _stop(self, signal_number, on_another_host, writer, step_losses):
     """Saves a checkpoint at this step boundary and raises TrainingInterrupted."""
     path = self.checkpoints.save() if self.save_checkpoints else None
+    step_losses.flush()
     writer.flush()
     outcome = (f"checkpoint {path} holds it; run the same command to continue" if path else
                "nothing was saved (no workdir, or Trainer.save_checkpoints = False)")
+    where = " on another host" if on_another_host else ""
     raise TrainingInterrupted(
-        f"stopped by {signal.Signals(signal_number).name} before step {self.step}: {outcome}",
-        signal_number)
+        f"stopped by {signal.Signals(signal_number).name}{where} before step {self.step}: "
+        f"{outcome}", signal_number)
 
   def _test_and_log(self, writer, step):
     metrics = model_lib.summarize(self.test_cycle(), self.num_test_steps)
@@ -548,9 +692,13 @@ class Trainer:
   def data_signature(self):
     """What the checkpointed data iterators read; a resume must read the same."""
     config = self.task_config
-    return {"dataset_name": config.dataset_name, "train_split": config.train_split,
-            "test_split": config.test_split, "sequence_length": self.sequence_length,
-            "global_batch_size": self.global_batch_size, "random_seed": self.random_seed}
+    signature = {"dataset_name": config.dataset_name, "train_split": config.train_split,
+                 "test_split": config.test_split, "sequence_length": self.sequence_length,
+                 "global_batch_size": self.global_batch_size, "random_seed": self.random_seed}
+    hosts = distribution.num_hosts(self.strategy)
+    if hosts > 1:  # Each host's pipeline reads its own share of the documents.
+      signature["input_pipelines"] = hosts
+    return signature
 
   def parameter_summary(self):
     """Name -> shape of every checkpointed variable, for compatibility checks."""
@@ -603,26 +751,42 @@ class _StopRequests:
 
 
 class _StepLossLog:
-  """Appends `{"step": s, "loss": x}` per training step to a JSON-lines file.
+  """`{"step": s, "loss": x}` per training step, appended to a JSON-lines file.
 
-  Each line is flushed as it is written, so a killed run leaves at most a partial last
-  line, which is cut off when the file is opened again. With no path, nothing is written.
+  Opening the log keeps only the records of the steps before `first_step`, the step the
+  run continues from: a restarted run repeats the steps after its checkpoint, and a killed
+  one may have left a partial last line. On a local disk every record is flushed as it is
+  written. Other filesystems cannot append in place (GCS rewrites the whole object), so
+  there records are flushed at checkpoints and at the end. With no path, nothing is written.
   """
 
-  def __init__(self, path):
+  def __init__(self, path, first_step):
     self.path = path
+    self.first_step = first_step
+    self.flush_every_record = not storage.has_scheme(path)
     self._file = None
 
   def __enter__(self):
     if self.path:
-      self._file = open(self.path, "ab+")
-      end = self._file.seek(0, os.SEEK_END)
-      if end:
-        self._file.seek(end - 1)
-        if self._file.read(1) != b"\n":
-          self._file.seek(0)
-          self._file.truncate(self._file.read().rfind(b"\n") + 1)
+      self._keep_records_before(self.first_step)
+      self._file = tf.io.gfile.GFile(self.path, "a")
     return self
+
+  def _keep_records_before(self, step):
+    if not tf.io.gfile.exists(self.path):
+      return
+    lines = storage.read_text(self.path).splitlines(keepends=True)
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except ValueError:  # the partial last line of a killed run
+        break
+      if not line.endswith("\n") or record["step"] >= step:
+        break
+      kept.append(line)
+    if len(kept) < len(lines):
+      storage.write_atomically(self.path, "".join(kept))
 
   def write(self, step, loss, skipped=False):
     """Records one step; `loss` None for a non-finite one."""
@@ -631,8 +795,13 @@ class _StepLossLog:
     record = {"step": step, "loss": None if loss is None else float(loss)}
     if skipped:
       record["skipped"] = True
-    self._file.write((json.dumps(record) + "\n").encode())
-    self._file.flush()
+    self._file.write(json.dumps(record) + "\n")
+    if self.flush_every_record:
+      self._file.flush()
+
+  def flush(self):
+    if self._file is not None:
+      self._file.flush()
 
   def __exit__(self, *exc_info):
     if self._file is not None:

@@ -136,7 +136,7 @@ def _load_sentencepiece(model_path: str):
   """Reads and checks a SentencePiece model file; returns (model bytes, processor)."""
   import sentencepiece  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isfile(model_path):
+  if not tf.io.gfile.exists(model_path) or tf.io.gfile.isdir(model_path):
     raise FileNotFoundError(f"SentencePiece model file {model_path!r} does not exist.")
   with tf.io.gfile.GFile(model_path, "rb") as f:
     model = f.read()

@@ -16,14 +16,15 @@ fields as lists (`document_id` the per-slot document identity); progress goes to
 
 import contextlib
 import json
-import os
 import sys
 import time
 
 import gin
 from absl import app
 from absl import flags
+import tensorflow as tf
 
+from meliad_tf import storage
 import pipelines
 
 FLAGS = flags.FLAGS
@@ -58,9 +59,10 @@ def _task() -> pipelines.Task:
   if FLAGS.num_batches < 0:
     raise app.UsageError(f"--num_batches must not be negative, got {FLAGS.num_batches}.")
   if FLAGS.dump:
-    directory = os.path.dirname(os.path.abspath(FLAGS.dump))
-    if not os.path.isdir(directory):
-      raise app.UsageError(f"--dump={FLAGS.dump}: the directory {directory!r} does not exist.")
+    try:
+      storage.check_writable(FLAGS.dump)
+    except ValueError as e:
+      raise app.UsageError(f"--dump={FLAGS.dump}: {e}") from e
   try:
     gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_param)
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
@@ -110,7 +112,7 @@ def main(argv):
   start = last_report = time.time()
   tokens = 0
   count = 0
-  with open(FLAGS.dump, "w", encoding="utf-8") if FLAGS.dump else contextlib.nullcontext() as dump:
+  with tf.io.gfile.GFile(FLAGS.dump, "w") if FLAGS.dump else contextlib.nullcontext() as dump:
     for batch in dataset.take(FLAGS.num_batches):
       if count < FLAGS.print_batches:
         print_batch(count, batch, task.vocabulary, FLAGS.max_chars)

@@ -25,6 +25,7 @@ from absl import flags
 
 from meliad_tf import evaluation
 from meliad_tf import export
+from meliad_tf import storage
 import pipelines
 
 FLAGS = flags.FLAGS
@@ -76,9 +77,11 @@ def _check_flags():
     raise app.UsageError(f"--bucket_tokens must be >= 0, got {FLAGS.bucket_tokens}")
   for flag in ("output", "plot"):
     path = getattr(FLAGS, flag)
-    directory = os.path.dirname(os.path.abspath(path)) if path else ""
-    if directory and not os.path.isdir(directory):
-      raise app.UsageError(f"--{flag}={path}: the directory {directory} does not exist")
+    if path:
+      try:
+        storage.check_writable(path)
+      except ValueError as e:
+        raise app.UsageError(f"--{flag}={path}: {e}") from e
 
 
 def open_model_and_task():
@@ -128,8 +131,7 @@ def main(argv):
   results["model"]["origin"] = FLAGS.saved_model or FLAGS.workdir or FLAGS.load_dir
   print_results(results, FLAGS.print_documents)
   if FLAGS.output:
-    with open(FLAGS.output, "w") as f:
-      json.dump(results, f, indent=1)
+    storage.write_atomically(FLAGS.output, json.dumps(results, indent=1))
     print(f"results: {FLAGS.output}")
   plot = _plot_path()
   if plot:

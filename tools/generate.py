@@ -26,6 +26,7 @@ import tensorflow as tf
 from meliad_tf import evaluation
 from meliad_tf import export
 from meliad_tf import generation
+from meliad_tf import storage
 import pipelines
 
 FLAGS = flags.FLAGS
@@ -105,8 +106,10 @@ def _prompt_tokens(handle):
                        f"document {FLAGS.prompt_document}")
     return handle.module.encode(texts[0]).numpy()[:FLAGS.prompt_tokens]
   if FLAGS.prompt_file is not None:
-    with open(FLAGS.prompt_file, "rb") as f:
-      text = f.read()
+    try:
+      text = storage.read_bytes(FLAGS.prompt_file)
+    except tf.errors.OpError as e:
+      raise ValueError(f"--prompt_file={FLAGS.prompt_file}: {e.message}") from e
   else:
     text = FLAGS.prompt.encode("utf-8")
   return handle.module.encode(tf.constant(text)).numpy()

@@ -12,9 +12,11 @@ from absl import flags
 from meliad_tf import plots
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR (repeatable); a bare WORKDIR is its own label.")
+flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR (repeatable); a bare WORKDIR, also "
+                          "gs://BUCKET/RUN, is its own label.")
 flags.DEFINE_list("tags", ["train/bits_per_token", "test/bits_per_token"], "Scalar tags to plot.")
-flags.DEFINE_string("output", "curves.png", "PNG file to write.")
+flags.DEFINE_string("output", "curves.png", "PNG file to write (any filesystem).",
+                    allow_override=True)
 flags.DEFINE_string("title", None, "Figure title.")
 
 
@@ -23,11 +25,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.run:
     raise app.UsageError("give at least one --run=LABEL:WORKDIR")
-  runs = {}
-  for spec in FLAGS.run:
-    label, _, workdir = spec.rpartition(":")
-    runs[label or workdir] = workdir
-  plots.plot_curves(runs, FLAGS.tags, FLAGS.output, FLAGS.title)
+  runs = dict(plots.parse_run(spec) for spec in FLAGS.run)
+  try:
+    plots.plot_curves(runs, FLAGS.tags, FLAGS.output, FLAGS.title)
+  except OSError as e:
+    raise app.UsageError(str(e)) from e
   print(FLAGS.output)
 
 

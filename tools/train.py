@@ -9,12 +9,12 @@ traceback too); 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when a
 stopped the run at a step boundary after saving a checkpoint.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import tensorflow as tf
 
 from meliad_tf import distribution
 from meliad_tf import gin_setup
@@ -39,7 +39,7 @@ flags.DEFINE_enum("strategy", "default", list(distribution.STRATEGIES),
 
 def _train():
   for path in FLAGS.gin_search_paths:
-    if not os.path.isdir(path):
+    if not tf.io.gfile.isdir(path):
       raise ValueError(f"--gin_search_paths: {path} is not a directory")
   gin_setup.parse(FLAGS.gin_file, FLAGS.gin_param, FLAGS.gin_search_paths)
   if FLAGS.default_data_dir:
@@ -67,7 +67,7 @@ def main(argv):
                f"{test_metrics['bits_per_token']:.4f} bits per token")
     logging.info("%s", summary)
     print(summary)
-  if FLAGS.workdir:
+  if FLAGS.workdir and trainer.is_chief:
     print(f"TensorBoard logs: tensorboard --logdir={FLAGS.workdir}")
 
 

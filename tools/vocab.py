@@ -9,20 +9,21 @@ normalization, whitespace runs kept and learnable as pieces, unknown characters 
 byte pieces), so code keeps its indentation and decoding gives the text back.
 
 Documents are cut into training sentences at line ends, at most `--max_sentence_length` bytes
-each (a line longer than that is cut). `--output=PREFIX` gets PREFIX.model and PREFIX.vocab,
-written under temporary names and renamed into place, so a reader never sees half a file.
+each (a line longer than that is cut). `--output=PREFIX` gets PREFIX.model and PREFIX.vocab
+(on any filesystem, e.g. gs://bucket/vocab/stdlib_8k), each written under a temporary name
+and renamed into place, so a reader never sees half a file.
 PREFIX.vocab has one line per id, "piece<TAB>score", with backslash, newline and tab inside a
 piece written as \\\\, \\n and \\t.
 """
 
-import os
-import tempfile
+import io
 
 import gin
 from absl import app
 from absl import flags
 from absl import logging
 
+from meliad_tf import storage
 import pipelines
 
 FLAGS = flags.FLAGS
@@ -32,8 +33,10 @@ flags.DEFINE_string("source", "python_stdlib", "Task name or source short name (
 flags.DEFINE_string("split", "train", "Split whose documents are read.", allow_override=True)
 flags.DEFINE_integer("vocab_size", 8000, "Pieces in the model, including pad, eos, unk and byte pieces.")
 flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model type.")
-flags.DEFINE_string("output", None, "Output prefix: writes PREFIX.model and PREFIX.vocab.")
-flags.DEFINE_integer("max_documents", None, "Read at most this many documents.")
+flags.DEFINE_string("output", None, "Output prefix: writes PREFIX.model and PREFIX.vocab.",
+                    allow_override=True)
+flags.DEFINE_integer("max_documents", None, "Read at most this many documents.",
+                     allow_override=True)
 flags.DEFINE_integer("max_sentence_length", 4096, "Bytes per training sentence.")
 flags.DEFINE_integer("input_sentence_size", 2_000_000,
                      "Sentences SentencePiece samples for training (0: all).")
@@ -68,19 +71,20 @@ def _sentences(documents, max_documents, max_length):
       yield "".join(sentence)
 
 
-def _write_vocab(model_path: str, vocab_path: str) -> None:
-  """Writes "piece<TAB>score" per id, escaping newlines and tabs inside pieces.
+def _vocab_text(model_proto: bytes) -> str:
+  """"piece<TAB>score" per id, escaping newlines and tabs inside pieces.
 
   SentencePiece's own .vocab writes such pieces raw, which splits them over lines; escaped, line
   k is id k.
   """
   import sentencepiece  # pylint: disable=g-import-not-at-top
 
-  processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
-  with open(vocab_path, "w", encoding="utf-8") as f:
-    for i in range(processor.GetPieceSize()):
-      piece = processor.IdToPiece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-      f.write(f"{piece}\t{processor.GetScore(i):g}\n")
+  processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+  lines = []
+  for i in range(processor.GetPieceSize()):
+    piece = processor.IdToPiece(i).replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+    lines.append(f"{piece}\t{processor.GetScore(i):g}\n")
+  return "".join(lines)
 
 
 def train(source: pipelines.Source, split: str, output: str, vocab_size: int, model_type: str,
@@ -92,7 +96,7 @@ def train(source: pipelines.Source, split: str, output: str, vocab_size: int, mo
   Args:
     source: documents to learn from.
     split: the split read.
-    output: prefix of the .model and .vocab files; its directory must exist.
+    output: prefix of the .model and .vocab files (any filesystem).
     vocab_size: number of pieces.
     model_type: "bpe" or "unigram".
     max_documents: read at most this many documents (None: all).
@@ -104,26 +108,18 @@ def train(source: pipelines.Source, split: str, output: str, vocab_size: int, mo
   """
   import sentencepiece  # pylint: disable=g-import-not-at-top
 
-  directory = os.path.dirname(os.path.abspath(output))
-  staging = tempfile.mkdtemp(prefix=".meliad-vocab-", dir=directory)
-  try:
-    staged = os.path.join(staging, "model")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(source.documents(split), max_documents, max_sentence_length),
-        model_prefix=staged, vocab_size=vocab_size, model_type=model_type,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        normalization_rule_name=normalization_rule_name, remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-        byte_fallback=byte_fallback, character_coverage=character_coverage,
-        max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, minloglevel=2)
-    _write_vocab(staged + ".model", staged + ".vocab")
-    for suffix in (".model", ".vocab"):
-      os.replace(staged + suffix, output + suffix)
-  finally:
-    for name in os.listdir(staging):
-      os.remove(os.path.join(staging, name))
-    os.rmdir(staging)
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=_sentences(source.documents(split), max_documents, max_sentence_length),
+      model_writer=model, vocab_size=vocab_size, model_type=model_type,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      normalization_rule_name=normalization_rule_name, remove_extra_whitespaces=False,
+      add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+      byte_fallback=byte_fallback, character_coverage=character_coverage,
+      max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
+      shuffle_input_sentence=True, minloglevel=2)
+  storage.write_atomically(output + ".model", model.getvalue())
+  storage.write_atomically(output + ".vocab", _vocab_text(model.getvalue()))
   return output + ".model"
 
 
@@ -132,9 +128,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.output:
     raise app.UsageError("--output is required: the prefix of the .model and .vocab files.")
-  directory = os.path.dirname(os.path.abspath(FLAGS.output))
-  if not os.path.isdir(directory):
-    raise app.UsageError(f"--output={FLAGS.output}: the directory {directory!r} does not exist.")
+  try:
+    storage.check_writable(FLAGS.output + ".model")
+  except ValueError as e:
+    raise app.UsageError(f"--output={FLAGS.output}: {e}") from e
   if FLAGS.vocab_size <= 0:
     raise app.UsageError(f"--vocab_size must be positive, got {FLAGS.vocab_size}.")
   if FLAGS.max_sentence_length < 4:  # room for any UTF-8 character
