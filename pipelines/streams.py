@@ -54,31 +54,25 @@ NAME_FIELD = "document_id"
 _VERBOSE_CHARS = 60
 
 
-def _documents_per_epoch(num_documents: int, num_streams: int, stream: int) -> int:
-  """How many of an epoch's documents stream `stream` reads: positions stream, stream+S, ..."""
-  return len(range(stream, num_documents, num_streams))
-
-
 def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
-                    pipeline: Tuple[int, int], num_streams: int, stream: int) -> tf.data.Dataset:
-  """The documents stream `stream` reads: {"text", "document_id", "document_index", "epoch"}."""
+                    pipeline: Tuple[int, int], num_streams: int, stream: tf.Tensor) -> tf.data.Dataset:
+  """The documents stream `stream` (int64 scalar) reads: {"text", "document_id", "document_index",
+  "epoch"}."""
   num_pipelines, pipeline_id = pipeline
   num_local = len(range(pipeline_id, source.num_documents(split), num_pipelines))
-  per_epoch = _documents_per_epoch(num_local, num_streams, stream)
+  # The stream reads positions stream, stream + S, ... of each epoch's order.
+  per_epoch = (num_local - stream + num_streams - 1) // num_streams
 
-  def locate(count):
-    """The split index and epoch of the stream's count-th document."""
+  def read(count):
+    """The stream's count-th document, with its split index and epoch."""
     # An evaluation stream may have no document (more streams than documents): never called.
-    epoch, step = count // max(per_epoch, 1), count % max(per_epoch, 1)
-    position = stream + step * num_streams  # in this epoch's order
+    epoch, step = count // tf.maximum(per_epoch, 1), count % tf.maximum(per_epoch, 1)
+    position = stream + step * num_streams
     if training:
       position = tf.random.experimental.index_shuffle(
           position, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
           max_index=tf.constant(num_local - 1, tf.int64))
-    return pipeline_id + position * num_pipelines, epoch
-
-  def read(count):
-    index, epoch = locate(count)
+    index = pipeline_id + position * num_pipelines
     return source.document(split, index).map(lambda document: dict(
         document, document_index=tf.cast(index, tf.int32), epoch=tf.cast(epoch, tf.int32)))
 
@@ -108,7 +102,7 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
       mask = tf.ones([num_tokens], tf.bool)
     targets = tf.reshape(tf.pad(tokens, [[0, padding]]), [num_segments, length])
     mask = tf.reshape(tf.pad(mask, [[0, padding]]), [num_segments, length])
-    # Position 0 of a segment is never predicted (spec §10 item 14), nor is padding.
+    # Position 0 of a segment is never predicted (its input is another segment's), nor is padding.
     predicted = mask & (targets != vocabularies.PAD_ID) & (tf.range(length) >= 1)[tf.newaxis, :]
     predicted_int = tf.cast(predicted, tf.int32)
     return {
@@ -192,8 +186,7 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
   def keep_fields(segments):
     return {key: segments[key] for key in fields}
 
-  streams = []
-  for stream in range(num_streams):
+  def stream_segments(stream):
     documents = _document_order(source, split, training, seed,
                                 (num_input_pipelines, input_pipeline_id), num_streams, stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
@@ -204,12 +197,12 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
       empty = keep_fields(_empty_segment(sequence_length))
       segments = segments.map(lambda s: dict(s, real=True)).concatenate(
           tf.data.Dataset.from_tensors(dict(empty, real=False)).repeat())
-    streams.append(segments)
+    return segments
 
-  def stack(*segments):
-    return {key: tf.stack([s[key] for s in segments]) for key in segments[0]}
-
-  batches = tf.data.Dataset.zip(tuple(streams)).map(stack)  # [S, ...] per field
+  # One segment of each stream in turn: batch t holds segment t of every stream, in stream order.
+  # Every stream is endless (evaluation pads), so the interleave never moves past stream S-1.
+  batches = tf.data.Dataset.range(num_streams).interleave(
+      stream_segments, cycle_length=num_streams, block_length=1).batch(num_streams, drop_remainder=True)
   if not training:
     batches = batches.take_while(lambda batch: tf.reduce_any(batch["real"]))
     batches = batches.map(lambda batch: {key: batch[key] for key in fields})

@@ -1,5 +1,5 @@
-"""A restored iterator yields exactly the batches the uninterrupted one would have (DESIGN.md §5
-item 5), also when the checkpoint falls in the middle of documents."""
+"""A restored iterator yields exactly the batches the uninterrupted one would have, also when the
+checkpoint falls in the middle of documents, and the checkpoint holds positions, not text."""
 
 import numpy as np
 import pytest
@@ -48,8 +48,9 @@ def test_restored_iterator_resumes_mid_document_sentencepiece(stdlib_source, sen
   _assert_resumes_exactly(dataset, tmp_path, skip=17, compare=30)
 
 
-def test_restored_iterator_resumes_mid_document_tfds(tfds_books, tmp_path):
-  data_dir, _ = tfds_books("tfrecord")
+@pytest.mark.parametrize("file_format", ["tfrecord", "array_record"])
+def test_restored_iterator_resumes_mid_document_tfds(tfds_books, tmp_path, file_format):
+  data_dir, _ = tfds_books(file_format)
   task = pipelines.Task("books", pipelines.TfdsSource("meliad_test_books", "book_text", directory=data_dir),
                         pipelines.ByteVocabulary())
   dataset = pipelines.load_text_dataset(task, "train", sequence_length=16, batch_size=3, seed=2)

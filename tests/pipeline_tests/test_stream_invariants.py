@@ -1,4 +1,4 @@
-"""Stream invariants (DESIGN.md §5 item 5) on every kind of source, checked against documents
+"""Stream invariants on every kind of source, checked against documents
 rebuilt from the batches alone: each slot carries consecutive segments of one document, and every
 document appears exactly once per epoch, in one slot, contiguous."""
 
