@@ -68,7 +68,7 @@ def load_text_dataset(task: Union[tasks.Task, str],
     epoch int32 [B], loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B],
     document_index int32 [B] (the document's index in the split), and document_id string [B]
     where names are asked for. `tf.train.Checkpoint(iterator=iter(dataset))` saves positions
-    only (a few hundred bytes per stream) and restores into an iterator of a fresh call with
+    only (a few kB per stream) and restores into an iterator of a fresh call with
     the same arguments.
   """
   if isinstance(task, str):
