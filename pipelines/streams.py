@@ -192,8 +192,7 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                                 (num_input_pipelines, input_pipeline_id), num_streams, stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
     # off the critical path of the batch; symbolic checkpoints do not save that buffer.
-    segments = documents.map(segment).map(keep_fields).prefetch(1).flat_map(
-        tf.data.Dataset.from_tensor_slices)
+    segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()
     if not training:
       empty = keep_fields(_empty_segment(sequence_length))
       segments = segments.map(lambda s: dict(s, real=True)).concatenate(
