@@ -52,6 +52,17 @@ def test_dataset_of_strings_and_of_dicts_keep_the_stream_invariants():
   assert all(name.startswith(b"mine/train/") for name in training_names)
 
 
+def test_evaluation_takes_the_first_documents_of_a_dataset_of_strings():
+  from meliad_tf import evaluation  # pylint: disable=g-import-not-at-top
+  texts = [f"text {i} " * 20 for i in range(5)]
+  source = evaluation.first_documents(
+      pipelines.DatasetSource(tf.data.Dataset.from_tensor_slices(texts), name="mine"), 2)
+  task = pipelines.Task("mine", source, pipelines.ByteVocabulary())
+  batches = take(pipelines.load_text_dataset(task, "train", sequence_length=16, batch_size=3,
+                                             training=False), 1000)
+  check_evaluation(batches, [t.encode() for t in texts[:2]], task.vocabulary)
+
+
 def test_dataset_source_errors_name_the_split_and_source():
   with pytest.raises(ValueError, match="Split 'train' of source 'nums' must hold tf.string scalars"):
     pipelines.DatasetSource(tf.data.Dataset.range(3), name="nums")
