@@ -22,7 +22,7 @@ that can only be read in order is first copied once into random-access files
 Checkpoints. Everything is tf.data operations without Python generators, and the pipeline uses
 symbolic checkpoints (`tf.data.Options.experimental_symbolic_checkpoint`): an iterator saved
 with `tf.train.Checkpoint(iterator=)` holds, per stream, its count of documents started (which
-gives the epoch and the document) and the segment it is at, about 2.5 kB, not the text or
+gives the epoch and the document) and the segment it is at, about 2.4 kB, not the text or
 tokens it has buffered. A restored iterator reads and tokenizes each stream's current document
 again and resumes at the very next segment. The streams are one `interleave` over the stream
 index, so that their functions are traced once, not once per stream.
