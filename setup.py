@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "tensorflow==2.20.0",
     "tensorflow-text==2.20.1",
     "tensorflow-datasets==4.9.10",
+    "array_record==0.8.6",  # TFDS datasets prepared as ArrayRecord files
     "importlib_resources==7.1.0",  # tensorflow-datasets imports it without declaring it
     "scann[tf]==1.4.2",
     "gin-config==0.5.0",

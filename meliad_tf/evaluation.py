@@ -238,7 +238,6 @@ class _FirstStreamedDocuments(pipelines.StreamingSource):
     self.name = source.name
     self.source = source
     self.max_documents = max_documents
-    self.shuffle_buffer_size = source.shuffle_buffer_size
 
   def documents(self, split):
     return self.source.documents(split).take(self.max_documents)

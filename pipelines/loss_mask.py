@@ -1,4 +1,4 @@
-"""The optional loss mask of Meliad (spec §6.8): train only on a delimited span of each document.
+"""The optional loss mask of Meliad: train only on a delimited span of each document.
 
 Off by default. Configured in gin as in Meliad:
 
@@ -14,7 +14,7 @@ an occurrence of the start subsequence the mask is all True. More than one occur
 subsequence is logged; only the first counts.
 
 Where the end subsequence also occurs before s, Meliad's code ignores any later occurrence and
-runs the mask to the end of the document; we follow the spec and use the first one after s.
+runs the mask to the end of the document; we use the first one after s, as described above.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""Ordered per-stream segments: the batches a long-context model trains on (DESIGN.md §4).
+"""Ordered per-stream segments: the batches a long-context model trains on.
 
 A stream is one batch slot. It reads documents one after another; each document is tokenized
 whole and cut into segments of L tokens, the last one right-padded with 0. Batch t+1 holds, in
@@ -6,15 +6,29 @@ slot b, the segment that follows slot b's segment in batch t, so a model's per-s
 cache, recurrent state, memory) carries over.
 
 Document order. Documents are dealt to the S streams of an input pipeline round-robin: in epoch
-e, stream s reads documents s, s+S, s+2S, ... of that epoch's order. Training repeats forever,
-with a new order per epoch drawn from (seed, e): an exact permutation for indexed sources, a
-buffered shuffle for streaming ones. So every document appears exactly once per epoch across the
-streams. A stream counts its own epochs: when its share of epoch e is done it starts its share of
-epoch e+1 while other streams may still be in epoch e. Evaluation reads each document once in
-the source's order, then gives finished streams empty segments until every stream is done.
+e, stream s reads documents s, s+S, s+2S, ... of that epoch's order, a permutation of the
+pipeline's N documents drawn from (seed, e) by `tf.random.experimental.index_shuffle`, computed
+per position without materialising it. Training repeats forever, a new order per epoch, so
+every document appears exactly once per epoch across the streams. A stream counts its own
+epochs: when its share of epoch e is done it starts its share of epoch e+1 while other streams
+may still be in epoch e. Evaluation reads each document once in the source's order, then gives
+finished streams empty segments until every stream is done.
 
-Everything is tf.data operations without Python generators, so `tf.train.Checkpoint(iterator=)`
-saves the position of every stream and a restored iterator resumes at the very next segment.
+Reading. A stream reads only its own documents, by index (`sources.IndexedSource.document`), so
+each document is read from storage once per epoch per input pipeline whatever S is; a source
+that can only be read in order is first copied once into random-access files
+(`sources.random_access`).
+
+Checkpoints. Everything is tf.data operations without Python generators, and the pipeline uses
+symbolic checkpoints (`tf.data.Options.experimental_symbolic_checkpoint`): an iterator saved
+with `tf.train.Checkpoint(iterator=)` holds, per stream, its count of documents started (which
+gives the epoch and the document) and the segment it is at, about 2.4 kB, not the text or
+tokens it has buffered. A restored iterator reads and tokenizes each stream's current document
+again and resumes at the very next segment. The streams are one `interleave` over the stream
+index, so that their functions are traced once, not once per stream.
+
+Batches of the training path hold numbers only (`document_index`, the document's index in the
+split); document names (`document_id`) come with evaluation batches and on request.
 
 Distribution. With an input context, documents are first split between input pipelines
 (document k goes to pipeline k mod P), so hosts read disjoint documents. An input pipeline
@@ -27,7 +41,6 @@ so slot b of each replica keeps its stream from step to step.
 import sys
 from typing import Dict, Tuple
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -35,49 +48,37 @@ from pipelines import loss_mask as loss_mask_lib
 from pipelines import sources as sources_lib
 from pipelines import vocabularies
 
-# Fields of a batch, all [B] or [B, L].
+# Fields of a batch, all [B] or [B, L]; document_id only where names are asked for.
 FIELDS = ("targets", "start_of_sequence", "epoch", "loss_mask", "num_chars", "nonzero_tokens",
-          "document_id")
+          "document_index")
+NAME_FIELD = "document_id"
 _VERBOSE_CHARS = 60
 
 
-def _document_order(source: sources_lib.Source, split: str, training: bool, seed: int,
-                    pipeline: Tuple[int, int], num_streams: int, stream: int) -> tf.data.Dataset:
-  """The documents stream `stream` reads, with their epoch: {"text", "document_id", "epoch"}."""
+def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
+                    pipeline: Tuple[int, int], num_streams: int, stream: tf.Tensor) -> tf.data.Dataset:
+  """The documents stream `stream` (int64 scalar) reads: {"text", "document_id", "document_index",
+  "epoch"}."""
   num_pipelines, pipeline_id = pipeline
+  num_local = len(range(pipeline_id, source.num_documents(split), num_pipelines))
+  # The stream reads positions stream, stream + S, ... of each epoch's order.
+  per_epoch = (num_local - stream + num_streams - 1) // num_streams
 
-  if isinstance(source, sources_lib.IndexedSource):
-    indices = np.arange(source.num_documents(split), dtype=np.int64)[pipeline_id::num_pipelines]
+  def read(count):
+    """The stream's count-th document, with its split index and epoch."""
+    # An evaluation stream may have no document (more streams than documents): never called.
+    epoch, step = count // tf.maximum(per_epoch, 1), count % tf.maximum(per_epoch, 1)
+    position = stream + step * num_streams
+    if training:
+      position = tf.random.experimental.index_shuffle(
+          position, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+          max_index=tf.constant(num_local - 1, tf.int64))
+    index = pipeline_id + position * num_pipelines
+    return source.document(split, index).map(lambda document: dict(
+        document, document_index=tf.cast(index, tf.int32), epoch=tf.cast(epoch, tf.int32)))
 
-    def read(index, epoch):
-      return dict(source.read(split, index), epoch=tf.cast(epoch, tf.int32))
-
-    if not training:
-      order = tf.data.Dataset.from_tensor_slices(indices).shard(num_streams, stream)
-      return order.map(lambda i: read(i, 0))
-
-    def epoch_order(epoch):
-      epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-      keys = tf.random.stateless_uniform([len(indices)], seed=epoch_seed, minval=None, maxval=None,
-                                         dtype=tf.int64)
-      permuted = tf.gather(indices, tf.argsort(keys))
-      return tf.data.Dataset.from_tensor_slices(permuted).shard(num_streams, stream).map(
-          lambda i: read(i, epoch))
-
-    return tf.data.Dataset.counter().flat_map(epoch_order)
-
-  documents = source.documents(split).shard(num_pipelines, pipeline_id)
-  if not training:
-    return documents.shard(num_streams, stream).map(lambda doc: dict(doc, epoch=0))
-
-  # Each stream reads the whole shard and keeps its 1/S share: the same seed gives every stream
-  # the same order, so the shares are disjoint. That costs S reads of the records per epoch.
-  def epoch_documents(epoch):
-    shuffled = documents.shuffle(source.shuffle_buffer_size, seed=seed * 1_000_003 + epoch,
-                                 reshuffle_each_iteration=False)
-    return shuffled.shard(num_streams, stream).map(lambda doc: dict(doc, epoch=tf.cast(epoch, tf.int32)))
-
-  return tf.data.Dataset.counter().flat_map(epoch_documents)
+  counts = tf.data.Dataset.counter() if training else tf.data.Dataset.range(per_epoch)
+  return counts.flat_map(read)
 
 
 def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length: int,
@@ -102,7 +103,7 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
       mask = tf.ones([num_tokens], tf.bool)
     targets = tf.reshape(tf.pad(tokens, [[0, padding]]), [num_segments, length])
     mask = tf.reshape(tf.pad(mask, [[0, padding]]), [num_segments, length])
-    # Position 0 of a segment is never predicted (spec §10 item 14), nor is padding.
+    # Position 0 of a segment is never predicted (its input is another segment's), nor is padding.
     predicted = mask & (targets != vocabularies.PAD_ID) & (tf.range(length) >= 1)[tf.newaxis, :]
     predicted_int = tf.cast(predicted, tf.int32)
     return {
@@ -112,7 +113,8 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
         "loss_mask": mask,
         "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
         "nonzero_tokens": tf.reduce_sum(predicted_int, axis=1),
-        "document_id": tf.fill([num_segments], document_id),
+        "document_index": tf.fill([num_segments], document["document_index"]),
+        NAME_FIELD: tf.fill([num_segments], document_id),
     }
 
   return segment
@@ -127,7 +129,8 @@ def _empty_segment(sequence_length: int) -> Dict[str, tf.Tensor]:
       "loss_mask": tf.zeros([sequence_length], tf.bool),
       "num_chars": tf.constant(0, tf.int32),
       "nonzero_tokens": tf.constant(0, tf.int32),
-      "document_id": tf.constant(""),
+      "document_index": tf.constant(-1, tf.int32),
+      NAME_FIELD: tf.constant(""),
   }
 
 
@@ -136,11 +139,12 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                    num_input_pipelines: int = 1, input_pipeline_id: int = 0,
                    replicas_per_pipeline: int = 1,
                    mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ()),
-                   verbose: bool = False) -> tf.data.Dataset:
+                   verbose: bool = False, document_names: bool = False) -> tf.data.Dataset:
   """Batches of ordered per-stream segments (see the module docstring).
 
   Args:
-    source: where documents come from.
+    source: where documents come from; a `StreamingSource` is first read once into
+      random-access files (`sources.random_access`).
     vocab: tokenizes each whole document.
     split: the source split to read.
     sequence_length: L, tokens per segment.
@@ -152,51 +156,60 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     replicas_per_pipeline: R, replicas fed by this pipeline, one batch each per step.
     mask_tokens: (start, end) loss-mask token subsequences; start empty means no mask.
     verbose: log the start of every document read.
+    document_names: add `document_id`, the documents' names (strings), to the batches.
 
   Returns:
     A dataset of dicts: targets int32 [B, L], start_of_sequence bool [B], epoch int32 [B],
-    loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B], document_id string [B].
+    loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B], document_index int32
+    [B] (-1 in the empty segments that end evaluation), and with `document_names` document_id
+    string [B] ("" in those segments). Its iterators checkpoint positions only.
   """
+  source = sources_lib.random_access(source)
   num_streams = replicas_per_pipeline * batch_size
   num_documents = source.num_documents(split)
-  if num_documents is not None:
-    local_documents = len(range(input_pipeline_id, num_documents, num_input_pipelines))
-    if local_documents == 0:
-      raise ValueError(f"Split {split!r} of source {source.name!r} has no documents for input pipeline "
-                       f"{input_pipeline_id} of {num_input_pipelines} ({num_documents} in all).")
-    # A stream whose share of an epoch is empty would look for documents forever.
-    if training and local_documents < num_streams:
-      raise ValueError(
-          f"Split {split!r} of source {source.name!r} has {local_documents} documents for input pipeline "
-          f"{input_pipeline_id}, fewer than its {num_streams} streams (batch size {batch_size} x "
-          f"{replicas_per_pipeline} replicas); use a smaller batch size or a larger split.")
+  local_documents = len(range(input_pipeline_id, num_documents, num_input_pipelines))
+  if local_documents == 0:
+    raise ValueError(f"Split {split!r} of source {source.name!r} has no documents for input pipeline "
+                     f"{input_pipeline_id} of {num_input_pipelines} ({num_documents} in all).")
+  # A stream whose share of an epoch is empty would look for documents forever.
+  if training and local_documents < num_streams:
+    raise ValueError(
+        f"Split {split!r} of source {source.name!r} has {local_documents} documents for input pipeline "
+        f"{input_pipeline_id}, fewer than its {num_streams} streams (batch size {batch_size} x "
+        f"{replicas_per_pipeline} replicas); use a smaller batch size or a larger split.")
   logging.info("Streams: %s split %s, %d documents, %d streams of L=%d, %s, pipeline %d of %d.",
-               source.name, split, -1 if num_documents is None else num_documents, num_streams,
-               sequence_length, "training" if training else "evaluation", input_pipeline_id,
-               num_input_pipelines)
+               source.name, split, num_documents, num_streams, sequence_length,
+               "training" if training else "evaluation", input_pipeline_id, num_input_pipelines)
 
+  fields = FIELDS + ((NAME_FIELD,) if document_names else ())
   segment = _segmenter(vocab, source.name, sequence_length, mask_tokens, verbose)
-  streams = []
-  for stream in range(num_streams):
+
+  def keep_fields(segments):
+    return {key: segments[key] for key in fields}
+
+  def stream_segments(stream):
     documents = _document_order(source, split, training, seed,
                                 (num_input_pipelines, input_pipeline_id), num_streams, stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
-    # off the critical path of the batch.
-    segments = documents.map(segment).prefetch(1).unbatch()
+    # off the critical path of the batch; symbolic checkpoints do not save that buffer.
+    segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()
     if not training:
+      empty = keep_fields(_empty_segment(sequence_length))
       segments = segments.map(lambda s: dict(s, real=True)).concatenate(
-          tf.data.Dataset.from_tensors(dict(_empty_segment(sequence_length), real=False)).repeat())
-    streams.append(segments)
+          tf.data.Dataset.from_tensors(dict(empty, real=False)).repeat())
+    return segments
 
-  def stack(*segments):
-    return {key: tf.stack([s[key] for s in segments]) for key in segments[0]}
-
-  batches = tf.data.Dataset.zip(tuple(streams)).map(stack)  # [S, ...] per field
+  # One segment of each stream in turn: batch t holds segment t of every stream, in stream order.
+  # Every stream is endless (evaluation pads), so the interleave never moves past stream S-1.
+  batches = tf.data.Dataset.range(num_streams).interleave(
+      stream_segments, cycle_length=num_streams, block_length=1).batch(num_streams, drop_remainder=True)
   if not training:
     batches = batches.take_while(lambda batch: tf.reduce_any(batch["real"]))
-    batches = batches.map(lambda batch: {key: batch[key] for key in FIELDS})
+    batches = batches.map(lambda batch: {key: batch[key] for key in fields})
   if replicas_per_pipeline > 1:
     batches = batches.map(lambda batch: {
         key: tf.reshape(value, [replicas_per_pipeline, batch_size] + value.shape[1:].as_list())
         for key, value in batch.items()}).unbatch()
-  return batches.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.experimental_symbolic_checkpoint = True
+  return batches.prefetch(tf.data.AUTOTUNE).with_options(options)

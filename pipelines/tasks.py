@@ -21,10 +21,14 @@ Names with an argument, `<kind>[_<vocabulary>]:<argument>`, where the vocabulary
 
 For tfds the argument is the dataset as `tfds.builder` takes it, then ":" and the text feature
 (the feature follows the last colon, so a version may be part of the name).
+
+`register_task` adds a name of your own, with your source and vocabulary; a module that
+registers tasks and is imported from a gin file (`import my_tasks`) makes them known to
+meliad-train and meliad-eval (the import is kept in the run's config.gin).
 """
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from pipelines import sources
 from pipelines import synthetic
@@ -68,10 +72,42 @@ _TASKS: Dict[str, Tuple[Callable[[], sources.Source], str]] = {
 
 _ARGUMENT_KINDS = ("files", "tree", "tfds")
 
+# name -> (source factory, vocabulary factory), from register_task.
+_USER_TASKS: Dict[str, Tuple[Callable[[], sources.Source], Callable[[], vocabularies.Vocabulary]]] = {}
+
 
 def task_names():
   """The registered task names (names with an argument come on top, see the module docstring)."""
-  return sorted(_TASKS)
+  return sorted(list(_TASKS) + list(_USER_TASKS))
+
+
+def register_task(name: str,
+                  source: Union[sources.Source, Callable[[], sources.Source]],
+                  vocabulary: Union[str, vocabularies.Vocabulary,
+                                    Callable[[], vocabularies.Vocabulary]] = "bytes") -> None:
+  """Makes `get_task(name)` (so gin's `TransformerTaskConfig.dataset_name`) return your task.
+
+  Args:
+    name: the task name; not a built-in one nor of the form kind:argument. Registering a name
+      again replaces the earlier registration.
+    source: a `Source`, or a function returning one, called each time the task is asked for
+      (so gin bindings made later still apply).
+    vocabulary: "bytes", "raw_bytes", "tokens" (SentencePiece, the model from gin), a
+      `Vocabulary`, or a function returning one.
+  """
+  if not name or ":" in name or name in _TASKS:
+    raise ValueError(f"Cannot register task {name!r}: the name is empty, has a colon, or is built in.")
+  if isinstance(vocabulary, str):
+    if vocabulary not in _VOCABULARIES:
+      raise ValueError(f"register_task({name!r}): unknown vocabulary {vocabulary!r}; use "
+                       f"{', '.join(_VOCABULARIES)}, a Vocabulary or a function returning one.")
+    make_vocabulary = _VOCABULARIES[vocabulary]
+  elif isinstance(vocabulary, vocabularies.Vocabulary):
+    make_vocabulary = lambda: vocabulary
+  else:
+    make_vocabulary = vocabulary
+  make_source = (lambda: source) if isinstance(source, sources.Source) else source
+  _USER_TASKS[name] = (make_source, make_vocabulary)
 
 
 def _source_with_argument(kind: str, argument: str) -> sources.Source:
@@ -120,6 +156,10 @@ def get_task(name: str, vocabulary: Optional[vocabularies.Vocabulary] = None) ->
   if name in _TASKS:
     make, vocab = _TASKS[name]
     vocabulary = vocabulary or _VOCABULARIES[vocab]()
+    return Task(name, make(), vocabulary)
+  if name in _USER_TASKS:
+    make, make_vocabulary = _USER_TASKS[name]
+    vocabulary = vocabulary or make_vocabulary()
     return Task(name, make(), vocabulary)
   prefix, colon, argument = name.partition(":")
   kind, _, vocab = prefix.partition("_")

@@ -15,7 +15,7 @@ files); a file that does not end in a newline gets one, so that headers start th
 import fnmatch
 import os
 import sysconfig
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import gin
 import numpy as np
@@ -109,19 +109,31 @@ def _static_prefix(pattern: str) -> str:
 
 @gin.configurable("text_files", module="pipelines")
 class TextFilesSource(_FileDocuments):
-  """One document per file matched by a glob pattern; the file is the document, unchanged.
+  """One document per file, matched by a glob pattern or listed; the file is the document, unchanged.
 
-  The document name (and hash-split key) is the path relative to the pattern's directory
-  before its first wildcard, e.g. "a/b.txt" for pattern "/data/books/*/*.txt".
+  For a pattern, the document name (and hash-split key) is the path relative to the pattern's
+  directory before its first wildcard, e.g. "a/b.txt" for pattern "/data/books/*/*.txt"; for a
+  list, it is the path as listed.
 
   Args:
-    pattern: glob pattern (gin: `pipelines.text_files.pattern`).
+    pattern: glob pattern (gin: `pipelines.text_files.pattern`), or a list of file paths.
   """
 
-  def __init__(self, pattern: Optional[str] = None):
+  def __init__(self, pattern: Optional[Union[str, Sequence[str]]] = None):
     if not pattern:
       raise ValueError("No file pattern given: bind pipelines.text_files.pattern = '/path/*.txt' in gin "
                        "(or use the source 'files:/path/*.txt').")
+    if not isinstance(pattern, str):
+      paths = list(pattern)
+      missing = [path for path in paths if not tf.io.gfile.exists(path)]
+      if missing:
+        raise ValueError(f"Text files source: {missing[0]} does not exist"
+                         + (f" (nor {len(missing) - 1} other listed files)." if len(missing) > 1 else "."))
+      if len(set(paths)) != len(paths):
+        raise ValueError("Text files source: a file is listed twice.")
+      super().__init__(f"files:{paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else ""),
+                       [(path, [(path, path)]) for path in paths], with_headers=False)
+      return
     paths = [p for p in sorted(tf.io.gfile.glob(pattern)) if not tf.io.gfile.isdir(p)]
     if not paths:
       raise ValueError(f"The file pattern {pattern!r} matches no files.")

@@ -1,6 +1,6 @@
 """Vocabularies: text <-> token ids, the same tokenizer in the pipeline and in `decode`.
 
-Token id 0 is padding in every vocabulary and is never predicted (spec §6.1, §10 item 14).
+Token id 0 is padding in every vocabulary and is never predicted, as in Meliad.
 
 * `bytes`: UTF-8 byte + 3, with 0 = pad, 1 = eos, 2 = unk (seqio's ByteVocabulary, as Meliad's
   pg19_bytes); vocab_size 259.
@@ -12,7 +12,7 @@ Token id 0 is padding in every vocabulary and is never predicted (spec §6.1, §
 
 Besides encoding, each vocabulary gives `token_byte_lengths`: how many bytes of text each id
 stands for. The pipeline sums it over the predicted tokens of a segment to get `num_chars`
-(bits per character, spec §7.2).
+(bits per character).
 """
 
 import abc
@@ -52,7 +52,7 @@ class Vocabulary(abc.ABC):
       source_name: the source, named in errors.
 
     Returns:
-      int32 [num_tokens]; no BOS or EOS is added (spec §6.1).
+      int32 [num_tokens]; no BOS or EOS is added (as Meliad's tasks).
     """
 
   @abc.abstractmethod

@@ -11,7 +11,9 @@ defaults to bytes for a short name.
 
 The first `--print_batches` batches are printed per slot: slot, document id, start flag, epoch and
 the decoded text, shortened. With `--dump`, every batch is one JSON object per line holding all
-fields as lists (`document_id` the per-slot document identity); progress goes to stderr.
+fields as lists (`document_id` the per-slot document name, which the training batches of
+`meliad-train` do not carry, and `document_index` its index in the split); progress goes to
+stderr.
 """
 
 import contextlib
@@ -104,7 +106,7 @@ def main(argv):
   try:
     dataset = pipelines.load_text_dataset(
         task, split=FLAGS.split, sequence_length=FLAGS.sequence_length, batch_size=FLAGS.batch_size,
-        training=not FLAGS.eval, seed=FLAGS.seed)
+        training=not FLAGS.eval, seed=FLAGS.seed, document_names=True)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(f"task {task.name}: source {task.source.name}, vocabulary {task.vocabulary!r}, split {FLAGS.split}")

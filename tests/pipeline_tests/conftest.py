@@ -7,6 +7,7 @@ import gin
 import numpy as np
 import pytest
 import sentencepiece
+import tensorflow_datasets as tfds
 
 import pipelines
 
@@ -81,3 +82,62 @@ def sentencepiece_model(tmp_path_factory, small_stdlib_modules):
 @pytest.fixture(scope="session")
 def stdlib_source(small_stdlib_modules):
   return pipelines.PythonStdlibSource(include=tuple(small_stdlib_modules))
+
+
+_TEST_BOOKS = ["" if i == 5 else f"Book {i}. " + "caf\u00e9 lorem ipsum " * (i * 7 % 23 + 1)
+               for i in range(20)]
+
+
+class MeliadTestBooks(tfds.core.GeneratorBasedBuilder):
+  """20 short books, one of them empty, as TFDS writes them (its files, its example order)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"book_text": tfds.features.Text(), "book_id": np.int64, "title": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, text in enumerate(_TEST_BOOKS):
+      yield i, {"book_text": text, "book_id": i, "title": f"title {i}"}
+
+
+class MeliadTestLongBooks(MeliadTestBooks):
+  """24 books of 20-60 kB."""
+
+  def _generate_examples(self):
+    rng = np.random.default_rng(3)
+    for i in range(24):
+      words = rng.choice(["alpha", "beta", "gamma", "delta", "epsilon"], size=int(rng.integers(3_500, 10_000)))
+      yield i, {"book_text": " ".join(words), "book_id": i, "title": f"title {i}"}
+
+
+@pytest.fixture(scope="session")
+def tfds_long_books(tmp_path_factory):
+  """(data_dir, texts in file order) of meliad_test_long_books, built by TFDS as TFRecord files."""
+  data_dir = str(tmp_path_factory.mktemp("tfds_long"))
+  builder = MeliadTestLongBooks(data_dir=data_dir)
+  builder.download_and_prepare()
+  texts = [r["book_text"] for r in builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator()]
+  return data_dir, texts
+
+
+@pytest.fixture(scope="session")
+def tfds_books(tmp_path_factory):
+  """A function of the file format ("tfrecord", "array_record") -> (data_dir, texts by book_id):
+  meliad_test_books built by TFDS in that format (once per session)."""
+  built = {}
+
+  def build(file_format):
+    if file_format not in built:
+      data_dir = str(tmp_path_factory.mktemp(f"tfds_{file_format}"))
+      builder = MeliadTestBooks(data_dir=data_dir, file_format=file_format)
+      builder.download_and_prepare()
+      built[file_format] = data_dir
+    return built[file_format], [text.encode() for text in _TEST_BOOKS]
+
+  return build

@@ -25,10 +25,13 @@ def reconstruct(batches, ended=False):
   slot's last document) close the open document.
 
   Returns:
-    A list of Document(slot, document_id, epoch, tokens, complete), tokens an int list.
+    A list of Document(slot, document_id, epoch, tokens, complete), tokens an int list;
+    document_id is the name where the batches carry names, else the document's index.
   """
   documents = []
   batch_size = batches[0]["targets"].shape[0] if batches else 0
+  # Names where the batches have them, else the documents' indices in the split.
+  identity = "document_id" if batches and "document_id" in batches[0] else "document_index"
   for slot in range(batch_size):
     current = None
     for batch in batches:
@@ -41,9 +44,9 @@ def reconstruct(batches, ended=False):
           current = None
         if empty:
           continue
-        current = Document(slot, batch["document_id"][slot], int(batch["epoch"][slot]), [], False)
+        current = Document(slot, batch[identity][slot], int(batch["epoch"][slot]), [], False)
       assert current is not None, "a slot continued a document it never started"
-      assert batch["document_id"][slot] == current.document_id, "a document changed mid-way"
+      assert batch[identity][slot] == current.document_id, "a document changed mid-way"
       current.tokens.extend(targets.tolist())
     if current is not None:
       documents.append(current._replace(complete=ended))

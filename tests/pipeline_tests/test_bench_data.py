@@ -1,4 +1,4 @@
-"""The data benchmark runs end to end and reports tokens per second for both vocabularies."""
+"""The data benchmark runs end to end on a small generated book corpus and reports every measure."""
 
 import json
 import subprocess
@@ -8,11 +8,17 @@ import pytest
 
 
 @pytest.mark.slow
-def test_bench_data_prints_rates_for_bytes_and_sentencepiece():
+def test_bench_data_reports_speed_reading_checkpoints_and_memory(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "meliad_tools.bench_data", "--num_batches=10", "--warmup_batches=2",
-       "--sentencepiece_vocab_size=800", "--sentencepiece_documents=5"],
-      capture_output=True, text=True, timeout=600, check=True)
+      [sys.executable, "-m", "meliad_tools.bench_data", f"--corpus_dir={tmp_path}", "--corpus_megabytes=3",
+       "--book_kilobytes=60", "--batch_size=4", "--sequence_length=256", "--num_batches=10",
+       "--warmup_batches=2", "--read_batches=20", "--sentencepiece_vocab_size=800", "--sources=tfds,files"],
+      capture_output=True, text=True, timeout=900, check=True)
   report = json.loads(result.stdout[result.stdout.index("{"):])
-  for vocab in ("bytes", "sentencepiece"):
-    assert report[vocab]["tokens_per_second"] > 0 and report[vocab]["batches"] == 10
+  assert report["corpus"]["file_bytes"] > 3_000_000
+  for measured in (report["bytes"], report["sentencepiece"], report["files"]["bytes"]):
+    assert measured["tokens_per_second"] > 0 and measured["batches"] == 10
+    assert measured["restore_equals_uninterrupted"]
+    assert 0 < measured["checkpoint_bytes"] < 100_000
+    assert measured["peak_memory_bytes"] > 0
+  assert report["bytes"]["epoch_pass"]["read_per_file_byte"] < 1.1

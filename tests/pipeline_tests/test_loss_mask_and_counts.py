@@ -1,4 +1,4 @@
-"""The loss mask of spec §6.8 on hand-worked examples, and num_chars / nonzero_tokens against a
+"""Meliad's loss mask on hand-worked examples, and num_chars / nonzero_tokens against a
 naive count over the batches."""
 
 import gin

@@ -32,7 +32,7 @@ def test_two_input_pipelines_train_on_disjoint_documents(stdlib_source):
   for pipeline_id in (0, 1):
     dataset = pipelines.load_text_dataset(task, "train", sequence_length=64, batch_size=2,
                                           input_context=tf.distribute.InputContext(2, pipeline_id))
-    seen.append({doc for batch in take(dataset, 300) for doc in batch["document_id"]})
+    seen.append({doc for batch in take(dataset, 300) for doc in batch["document_index"]})
   assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
@@ -47,7 +47,7 @@ _MIRRORED = textwrap.dedent("""
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     dataset = strategy.distribute_datasets_from_function(
         lambda ctx: pipelines.load_text_dataset(task, "train", sequence_length=32, batch_size=2,
-                                                input_context=ctx))
+                                                input_context=ctx, document_names=True))
     steps = []
     for step, batch in zip(range(40), dataset):
       steps.append([{"doc": [d.decode() for d in r["document_id"].numpy()],
