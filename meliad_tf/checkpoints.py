@@ -44,7 +44,7 @@ _CHECKPOINT_FILE = re.compile(CHECKPOINT_NAME + r"-(\d+)\.(index|data-\d+-of-\d+
 # and its temporary copy of the index (renamed into place when complete).
 _TEMPORARY_FILE = re.compile(CHECKPOINT_NAME + r"-\d+_temp$|" + INDEX_FILE + r"\.tmp[0-9a-f]+$")
 _VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-# How checkpoints written before DataPositions held a data iterator: the iterator itself.
+# How older checkpoints held a data iterator: the iterator itself.
 _ITERATOR_SUFFIX = "/.ATTRIBUTES/ITERATOR_STATE"
 # What TensorFlow raises for a checkpoint it cannot read: a missing or damaged file
 # (OpError: NotFound, DataLoss, ...) or a data file shorter than its index says (IndexError).
@@ -385,11 +385,10 @@ class CheckpointKeeper:
         logging.info("%s holds no %s iterator; that stream starts afresh", path, name)
         del parts[name]
       elif f"{name}{_ITERATOR_SUFFIX}" in saved_keys:
-        if distribution.num_hosts(self.trainer.strategy) > 1:
-          raise IncompatibleCheckpointError(
-              f"{path} holds the data position of one host; resume it on one host, or start "
-              f"a new --workdir with --load_dir={workdir}")
-        parts[name] = self.data[name].iterator
+        raise IncompatibleCheckpointError(
+            f"{path} holds its data position in the layout of an older meliad-tf, whose "
+            f"pipelines this one cannot continue; start a new --workdir with "
+            f"--load_dir={workdir} (the parameters, optimizer and step carry over)")
       else:
         positions.append(self.data[name])
     checkpoint = tf.train.Checkpoint(**parts)

@@ -360,8 +360,9 @@ class Trainer:
           lambda b, s: forward_backward(tf.nest.map_structure(lambda x: x[index], b), s),
           (batches, seed))
       # Each replica's loss is the sum over its streams; gradients are averaged (pmean).
-      grads = self.strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.MEAN,
-                                                     list(zip(grads, self.params)))
+      # One reduction per gradient: MultiWorkerMirroredStrategy cannot reduce a list whose
+      # tensors differ in rank in one call.
+      grads = [self.strategy.reduce(tf.distribute.ReduceOp.MEAN, g, axis=None) for g in grads]
       metrics = self._reduce_metrics(metrics)
       # One decision for all replicas, so that a skipped step leaves every stream as it was.
       finite = _all_finite(metrics["loss"], grads)

@@ -30,12 +30,15 @@ index, so that their functions are traced once, not once per stream.
 Batches of the training path hold numbers only (`document_index`, the document's index in the
 split); document names (`document_id`) come with evaluation batches and on request.
 
-Distribution. With an input context, documents are first split between input pipelines
-(document k goes to pipeline k mod P), so hosts read disjoint documents. An input pipeline
-serves R = num_replicas_in_sync / P replicas: it runs S = R * B streams and emits, per step, R
-consecutive batches of B slots, replica r's batch holding streams r*B .. r*B+B-1. That is the
-order in which `distribute_datasets_from_function` hands a pipeline's elements to its replicas,
-so slot b of each replica keeps its stream from step to step.
+Distribution. With an input context, the P input pipelines (one per host) share the streams:
+pipeline p runs global streams p*S .. p*S+S-1 of the P*S, and global stream g reads positions
+g, g + P*S, ... of the epoch's order of all the split's documents. So hosts read disjoint
+documents, and the global batch is the same whatever the number of pipelines it is read by. An
+input pipeline serves R = num_replicas_in_sync / P replicas: it runs S = R * B streams and
+emits, per step, R consecutive batches of B slots, replica r's batch holding streams
+r*B .. r*B+B-1. That is the order in which `distribute_datasets_from_function` hands a
+pipeline's elements to its replicas, so slot b of each replica keeps its stream from step to
+step.
 """
 
 import sys
@@ -56,24 +59,22 @@ _VERBOSE_CHARS = 60
 
 
 def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
-                    pipeline: Tuple[int, int], num_streams: int, stream: tf.Tensor) -> tf.data.Dataset:
-  """The documents stream `stream` (int64 scalar) reads: {"text", "document_id", "document_index",
-  "epoch"}."""
-  num_pipelines, pipeline_id = pipeline
-  num_local = len(range(pipeline_id, source.num_documents(split), num_pipelines))
+                    num_streams: int, stream: tf.Tensor) -> tf.data.Dataset:
+  """The documents global stream `stream` (int64 scalar) of `num_streams` reads: {"text",
+  "document_id", "document_index", "epoch"}."""
+  num_documents = source.num_documents(split)
   # The stream reads positions stream, stream + S, ... of each epoch's order.
-  per_epoch = (num_local - stream + num_streams - 1) // num_streams
+  per_epoch = (num_documents - stream + num_streams - 1) // num_streams
 
   def read(count):
     """The stream's count-th document, with its split index and epoch."""
     # An evaluation stream may have no document (more streams than documents): never called.
     epoch, step = count // tf.maximum(per_epoch, 1), count % tf.maximum(per_epoch, 1)
-    position = stream + step * num_streams
+    index = stream + step * num_streams
     if training:
-      position = tf.random.experimental.index_shuffle(
-          position, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
-          max_index=tf.constant(num_local - 1, tf.int64))
-    index = pipeline_id + position * num_pipelines
+      index = tf.random.experimental.index_shuffle(
+          index, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+          max_index=tf.constant(num_documents - 1, tf.int64))
     return source.document(split, index).map(lambda document: dict(
         document, document_index=tf.cast(index, tf.int32), epoch=tf.cast(epoch, tf.int32)))
 
@@ -166,17 +167,19 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
   """
   source = sources_lib.random_access(source)
   num_streams = replicas_per_pipeline * batch_size
+  total_streams = num_streams * num_input_pipelines
+  first_stream = num_streams * input_pipeline_id
   num_documents = source.num_documents(split)
-  local_documents = len(range(input_pipeline_id, num_documents, num_input_pipelines))
-  if local_documents == 0:
+  if num_documents <= first_stream:
     raise ValueError(f"Split {split!r} of source {source.name!r} has no documents for input pipeline "
-                     f"{input_pipeline_id} of {num_input_pipelines} ({num_documents} in all).")
+                     f"{input_pipeline_id} of {num_input_pipelines} ({num_documents} in all, "
+                     f"{total_streams} streams).")
   # A stream whose share of an epoch is empty would look for documents forever.
-  if training and local_documents < num_streams:
+  if training and num_documents < total_streams:
     raise ValueError(
-        f"Split {split!r} of source {source.name!r} has {local_documents} documents for input pipeline "
-        f"{input_pipeline_id}, fewer than its {num_streams} streams (batch size {batch_size} x "
-        f"{replicas_per_pipeline} replicas); use a smaller batch size or a larger split.")
+        f"Split {split!r} of source {source.name!r} has {num_documents} documents, fewer than its "
+        f"{total_streams} streams (batch size {batch_size} x {replicas_per_pipeline} replicas x "
+        f"{num_input_pipelines} input pipelines); use a smaller batch size or a larger split.")
   logging.info("Streams: %s split %s, %d documents, %d streams of L=%d, %s, pipeline %d of %d.",
                source.name, split, num_documents, num_streams, sequence_length,
                "training" if training else "evaluation", input_pipeline_id, num_input_pipelines)
@@ -188,8 +191,8 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     return {key: segments[key] for key in fields}
 
   def stream_segments(stream):
-    documents = _document_order(source, split, training, seed,
-                                (num_input_pipelines, input_pipeline_id), num_streams, stream)
+    documents = _document_order(source, split, training, seed, total_streams,
+                                first_stream + stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
     # off the critical path of the batch; symbolic checkpoints do not save that buffer.
     segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()

@@ -423,7 +423,7 @@ def test_sentencepiece_model_damaged(tmp_path):
 
 def test_more_streams_than_documents(tmp_path):
   data = write_documents(str(tmp_path / "data"), [b"one document\n"] * 3)
-  expect_error(r"has 3 documents for input pipeline 0, fewer than its 8 streams",
+  expect_error(r"has 3 documents, fewer than its 8 streams",
                f"TransformerTaskConfig.dataset_name = 'files_bytes:{data}/*.txt'",
                "TransformerTaskConfig.batch_size = 8", *BYTES)
 

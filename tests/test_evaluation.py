@@ -209,7 +209,7 @@ def test_meliad_eval_writes_json_and_plot_and_shows_progress(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(max_documents=-1), "--max_documents must be >= 0"),
-    (dict(output="/nonexistent/dir/eval.json"), "--output=/nonexistent/dir/eval.json"),
+    (dict(output="/dev/null/dir/eval.json"), "--output=/dev/null/dir/eval.json: /dev/null is a file"),
     (dict(workdir="/tmp"), "give exactly one of --saved_model and --workdir"),
     (dict(saved_model="/nonexistent"), "--saved_model=/nonexistent does not exist"),
     (dict(batch_size=3), "scores 2 streams, not --batch_size=3"),

@@ -1,5 +1,8 @@
 """The trainer: restore continues the run, and two replicas equal one device (invariant 6)."""
 
+import json
+import os
+
 import gin
 import numpy as np
 import pytest
@@ -7,6 +10,7 @@ import tensorflow as tf
 
 from meliad_tf import checkpoints
 from meliad_tf import gin_setup
+from meliad_tf import plots
 from meliad_tf import trainer as trainer_lib
 
 TINY = ["base_htrans.gin", "size/tiny_test.gin"]
@@ -118,3 +122,40 @@ def test_should_run_follows_meliad():
   assert not trainer_lib.should_run(0, 10)
   assert trainer_lib.should_run(10, 10)
   assert not trainer_lib.should_run(10, 0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_steps_per_loop_keeps_losses_summaries_tests_and_checkpoints(jit_compile, tmp_path):
+  """Ten steps per call give the losses of one, and periodic work comes at the same steps."""
+  runs = {}
+  for steps_per_loop in (1, 10):
+    workdir = str(tmp_path / str(steps_per_loop))
+    trainer = build("Trainer.num_steps = 23", "Trainer.log_every_steps = 5",
+                    "Trainer.test_every_steps = 7", "Trainer.num_test_steps = 1",
+                    "Trainer.checkpoint_every_steps = 10", "Trainer.max_checkpoints_to_keep = 5",
+                    "Trainer.record_step_losses = True", f"Trainer.jit_compile = {jit_compile}",
+                    f"Trainer.steps_per_loop = {steps_per_loop}")
+    calls = []
+    run_steps = trainer.train_steps
+    trainer.train_steps = lambda n, signal=None: calls.append(n) or run_steps(n, signal)
+    trainer.train(workdir)
+    losses = [json.loads(line)["loss"] for line in
+              open(os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)).read().splitlines()]
+    scalars = plots.read_scalars(workdir)
+    state = tf.train.get_checkpoint_state(os.path.join(workdir, checkpoints.CHECKPOINT_DIRECTORY))
+    runs[steps_per_loop] = (calls, losses, scalars,
+                            [os.path.basename(p) for p in state.all_model_checkpoint_paths])
+  (calls_1, losses_1, scalars_1, saved_1), (calls_10, losses_10, scalars_10, saved_10) = (
+      runs[1], runs[10])
+  assert calls_1 == [1] * 23
+  # Calls end after the steps with periodic work (5, 7, 10, 14, 15, 20, 21) and the last.
+  assert calls_10 == [6, 2, 3, 4, 1, 5, 1, 1]
+  assert len(losses_10) == 23
+  np.testing.assert_allclose(losses_10, losses_1, rtol=1e-6)
+  assert saved_10 == saved_1 == ["ckpt-11", "ckpt-21", "ckpt-23"]
+  assert sorted(scalars_10) == sorted(scalars_1)
+  for tag, points in scalars_1.items():
+    assert [step for step, _ in scalars_10[tag]] == [step for step, _ in points], tag
+    if not tag.endswith(("tokens_per_second", "std", "mean")):
+      np.testing.assert_allclose([v for _, v in scalars_10[tag]], [v for _, v in points],
+                                 rtol=1e-5, err_msg=tag)

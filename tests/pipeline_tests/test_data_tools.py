@@ -56,7 +56,7 @@ def test_meliad_data_dump_reconstructs_the_documents(tmp_path, text_corpus, caps
     (dict(sequence_length=0), "--sequence_length must be positive"),
     (dict(batch_size=0), "--batch_size must be positive"),
     (dict(vocab="/nonexistent/x.model"), "/nonexistent/x.model.*does not exist"),
-    (dict(dump="/nonexistent/dir/batches.jsonl"), "--dump=/nonexistent/dir/batches.jsonl"),
+    (dict(dump="/dev/null/dir/batches.jsonl"), "--dump=/dev/null/dir/batches.jsonl: /dev/null is a file"),
 ])
 def test_meliad_data_rejects_bad_flags_before_work(overrides, message):
   settings = dict(source="synthetic", batch_size=2, sequence_length=16, num_batches=1)
@@ -90,7 +90,7 @@ def test_meliad_vocab_trains_a_model_with_pad_zero(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(output=None), "--output is required"),
-    (dict(output="/nonexistent/dir/model"), "/nonexistent/dir"),
+    (dict(output="/dev/null/dir/model"), "--output=/dev/null/dir/model: /dev/null is a file"),
     (dict(source="files:/nonexistent/*.txt"), "matches no files"),
     (dict(split="dev"), "Unknown split 'dev'"),
 ])

@@ -26,14 +26,30 @@ def test_two_input_pipelines_read_disjoint_documents_covering_the_split(stdlib_s
   assert sorted(first + second) == sorted(stdlib_source.document_names("train"))
 
 
-def test_two_input_pipelines_train_on_disjoint_documents(stdlib_source):
+def test_two_input_pipelines_train_on_disjoint_documents_in_an_epoch(stdlib_source):
+  """Each epoch's order is dealt to all hosts' streams, so within an epoch hosts share none."""
   task = pipelines.Task("stdlib", stdlib_source, pipelines.ByteVocabulary())
   seen = []
   for pipeline_id in (0, 1):
     dataset = pipelines.load_text_dataset(task, "train", sequence_length=64, batch_size=2,
                                           input_context=tf.distribute.InputContext(2, pipeline_id))
-    seen.append({doc for batch in take(dataset, 300) for doc in batch["document_index"]})
+    seen.append({doc for batch in take(dataset, 300)
+                 for doc, epoch in zip(batch["document_index"], batch["epoch"]) if epoch == 0})
   assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_the_global_batch_does_not_depend_on_the_number_of_input_pipelines(stdlib_source):
+  """Two hosts' batches side by side are the batches of one host running all the streams."""
+  task = pipelines.Task("stdlib", stdlib_source, pipelines.ByteVocabulary())
+
+  def batches(batch_size, context=None):
+    return take(pipelines.load_text_dataset(task, "train", sequence_length=64,
+                                            batch_size=batch_size, input_context=context), 40)
+
+  halves = [batches(2, tf.distribute.InputContext(2, host)) for host in (0, 1)]
+  for whole, first, second in zip(batches(4), *halves):
+    for key in whole:
+      assert (whole[key] == tf.concat([first[key], second[key]], axis=0).numpy()).all(), key
 
 
 _MIRRORED = textwrap.dedent("""
