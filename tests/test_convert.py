@@ -1,6 +1,8 @@
 """meliad-convert: Flax's checkpoint files, the gin translation, refusals, and the workdir it
 writes (resumed by the trainer, exported). Numerical parity is in test_meliad_parity.py."""
 
+import gzip
+import json
 import os
 import sys
 
@@ -15,6 +17,8 @@ from meliad_tf import checkpoints
 from meliad_tf import convert
 from meliad_tf import export
 from meliad_tf import gin_setup
+from meliad_tf import model as model_lib
+from meliad_tf import optimizer as optimizer_lib
 from meliad_tf import trainer as trainer_lib
 from meliad_tools import convert as convert_tool
 from meliad_tools import export as export_tool
@@ -199,3 +203,25 @@ def test_training_with_token_losses_in_the_metrics(tmp_path, clean_gin):
   trainer = trainer_lib.Trainer().build()
   trainer.train(str(tmp_path / "run"))
   assert trainer.step == 1
+
+
+with gzip.open(os.path.join(GOLDENS, "parameter_shapes.json.gz"), "rt") as _f:
+  MELIAD_SHAPES = json.load(_f)
+
+
+@pytest.mark.parametrize("name", sorted(MELIAD_SHAPES["arrangements"]))
+def test_every_parameter_and_slot_has_meliads_path_and_shape(name, clean_gin):
+  """Against the parameters and Adafactor slots of Meliad's own model, for every recurrent
+  gate and arrangement, block feedback, Fourier positions and a LayerNorm bias."""
+  record = MELIAD_SHAPES["arrangements"][name]
+  gin_setup.parse(["base_htrans.gin"] + record["gin_files"],
+                  MELIAD_SHAPES["common_bindings"] + record["bindings"]
+                  + MELIAD_SHAPES["late_bindings"])
+  model = model_lib.DecoderOnlyLanguageModel()
+  optimizer = optimizer_lib.FlaxAdafactorConfig().create()
+  optimizer.build(model.trainable_variables)
+  pairs = convert.parameter_paths(model)
+  assert {path: list(v.shape) for path, v in pairs.items()} == record["params"]
+  slots = {f"{path}/{slot}": list(slot_variable.shape) for path, variable in pairs.items()
+           for slot, slot_variable in optimizer.slots_for(variable).items()}
+  assert slots == record["slots"]

@@ -44,9 +44,13 @@ LOSS_RELATIVE_TOLERANCE = 2e-5
 UPDATE_RELATIVE_TOLERANCE = 1e-3
 
 
-def _golden(family):
-  with np.load(os.path.join(GOLDENS, family, "outputs.npz")) as data:
+def _golden_file(path):
+  with np.load(os.path.join(GOLDENS, path)) as data:
     return dict(data)
+
+
+def _golden(family):
+  return _golden_file(os.path.join(family, "outputs.npz"))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -127,3 +131,39 @@ def _restored_trainer(workdir):
   trainer = trainer_lib.Trainer().build()
   assert checkpoints.CheckpointKeeper(trainer, workdir).restore()
   return trainer
+
+
+def _adafactor_inputs(shape, step):
+  """The inputs make_goldens.py's adafactor_inputs makes: integer formulas, exact in float32."""
+  i = np.arange(shape[0])[:, None]
+  j = np.arange(shape[1])[None, :]
+  param = (((i * 37 + j * 11) % 101) - 50).astype(np.float32) / np.float32(50)
+  grad = (((i * 13 + j * 7 + step * 5) % 97) - 48).astype(np.float32) / np.float32(480)
+  return param, grad
+
+
+@pytest.mark.parametrize("shape", [(128, 136), (136, 128)])
+def test_factored_adafactor_steps_equal_meliads(shape):
+  """The model goldens' parameters are too small to be factored; these are (both
+  orientations of the second-moment factors), over two steps with momentum."""
+  golden = _golden_file("adafactor_factored.npz")
+  key = "x".join(map(str, shape))
+  rows = golden[f"{key}/param"].shape[0]
+  from meliad_tf import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  param = tf.Variable(_adafactor_inputs(shape, 0)[0], name=f"factored_{key}")
+  optimizer = optimizer_lib.FlaxAdafactorConfig().create()
+  optimizer.build([param])
+  for step, learning_rate in enumerate(golden["learning_rates"]):
+    optimizer.apply_gradients([tf.constant(_adafactor_inputs(shape, step)[1])], [param],
+                              float(learning_rate))
+  slots = optimizer.slots_for(param)
+  # Relative to the values' scale: one step's float32 rounding, through a root and a clip.
+  for name, ours, theirs in (("v_row", slots["v_row"].numpy(), golden[f"{key}/v_row"]),
+                             ("v_col", slots["v_col"].numpy(), golden[f"{key}/v_col"]),
+                             ("m", slots["m"].numpy()[:rows], golden[f"{key}/m"])):
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.max(np.abs(theirs)),
+                               err_msg=name)
+  update = param.numpy()[:rows] - _adafactor_inputs(shape, 0)[0][:rows]
+  expected = golden[f"{key}/param"] - _adafactor_inputs(shape, 0)[0][:rows]
+  np.testing.assert_allclose(update, expected, rtol=0,
+                             atol=UPDATE_RELATIVE_TOLERANCE * np.max(np.abs(expected)))

@@ -26,9 +26,16 @@ it for TRAIN_STEPS steps on random tokens with Meliad's Trainer, and writes, und
     param/<path>: the parameters after that one Adafactor step, by Flax path.
 
 Dropout is off (rates 0), so every output is deterministic.
+
+It also writes `parameter_shapes.json.gz`: for more arrangements (every recurrent gate type and
+arrangement, Fourier positions, LayerNorm with a bias), the gin files and bindings, and the
+path and shape of every parameter and optimizer slot of Meliad's freshly initialised model;
+and `adafactor_factored.npz` (see `adafactor_factored`).
 """
 
 import argparse
+import gzip
+import json
 import os
 import sys
 
@@ -87,6 +94,23 @@ LATE_BINDINGS = [
 # `synthetic` vocabulary, which the converted run's data iterators read), to keep the files
 # small; the token losses cover the whole softmax.
 LOGIT_ROWS = 16
+# Arrangements whose parameter names and shapes are recorded (no outputs): gin files after
+# base_htrans.gin, and bindings after SIZE_BINDINGS.
+SHAPE_ARRANGEMENTS = {
+    f"recurrent_{gate}_{arrangement}": ([f"recurrent/{gate}_{arrangement}.gin"], [
+        "decoder_stack.DecoderStack.recurrent_layer_indices = (1,)"])
+    for gate in ("bias", "lstm") for arrangement in ("dual", "single", "skip")
+}
+SHAPE_ARRANGEMENTS.update({
+    "recurrent_full_dual": (["recurrent/bias_dual.gin"], [
+        "decoder_stack.DecoderStack.recurrent_layer_indices = (0,)",
+        "transformer_layer.TransformerLayer.recurrent_gate_type = 'full'"]),
+    "block_feedback_lstm_skip": (["recurrent/lstm_skip.gin", "recurrent/block_feedback_512.gin"], [
+        "decoder_stack.DecoderStack.recurrent_layer_indices = (0,)",
+        "decoder_stack.DecoderStack.dstack_window_length = 8"]),
+    "fourier_layernorm_bias": (["options/positions_fourier.gin"], [
+        "nn_components.LayerNorm.use_bias = True"]),
+})
 TRAIN_STEPS = 2
 NUM_SEGMENTS = 3
 SEED = 1234
@@ -103,12 +127,11 @@ def eval_batches(rng, batch_size, length, vocab_size):
   return targets, starts
 
 
-def build(meliad_dir, family):
-  """Parses Meliad's gin files for a family and returns its Trainer."""
+def build(meliad_dir, files, bindings):
+  """Parses Meliad's gin files and bindings (after the tiny sizes); returns its Trainer."""
   import gin  # pylint: disable=g-import-not-at-top
   from transformer import launcher  # pylint: disable=g-import-not-at-top,unused-import
   import training_loop  # pylint: disable=g-import-not-at-top
-  files, bindings, _ = FAMILIES[family]
   gin.clear_config()
   gin.add_config_file_search_path(os.path.join(meliad_dir, "transformer", "configs"))
   gin.parse_config_files_and_bindings(["base_htrans.gin"] + files,
@@ -126,12 +149,10 @@ def run_family(meliad_dir, family, output_dir):
   import flax  # pylint: disable=g-import-not-at-top
   from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import training_task  # pylint: disable=g-import-not-at-top
 
-  trainer = build(meliad_dir, family)
-  orbax = FAMILIES[family][2]
+  files, bindings, orbax = FAMILIES[family]
+  trainer = build(meliad_dir, files, bindings)
   flax.config.update("flax_use_orbax_checkpointing", orbax)
   tstate, _, imodel, prngs = trainer.initialize_model()
   task_config = imodel.task_config
@@ -205,9 +226,67 @@ def run_family(meliad_dir, family, output_dir):
   for path, value in flat.items():
     outputs["param/" + "/".join(path)] = np.asarray(value, np.float32)
   np.savez_compressed(os.path.join(directory, "outputs.npz"), **outputs)
-  del training_task, jax
   print(f"{family}: checkpoint at optimizer step {step}, eval losses {losses}, "
         f"train loss {float(metrics['loss']):.6f}")
+
+
+def parameter_shapes(meliad_dir, output_dir):
+  """Writes parameter_shapes.json.gz (see the module docstring)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  records = {"common_bindings": SIZE_BINDINGS, "late_bindings": LATE_BINDINGS,
+             "arrangements": {}}
+  for name, (files, bindings) in SHAPE_ARRANGEMENTS.items():
+    tstate, _, _, _ = build(meliad_dir, files, bindings).initialize_model()
+    state_dict = flax.core.unfreeze(flax.serialization.to_state_dict(tstate.optimizer))
+    params = flax.traverse_util.flatten_dict(state_dict["target"])
+    slots = flax.traverse_util.flatten_dict(state_dict["state"]["param_states"])
+    records["arrangements"][name] = {
+        "gin_files": files, "bindings": bindings,
+        "params": {"/".join(p): list(np.shape(v)) for p, v in sorted(params.items())},
+        # Flax keeps every slot; the unused ones are zeros of shape (1,), left out here.
+        "slots": {"/".join(p): list(np.shape(v)) for p, v in sorted(slots.items())
+                  if np.shape(v) != (1,)}}
+  with gzip.open(os.path.join(output_dir, "parameter_shapes.json.gz"), "wt") as f:
+    json.dump(records, f, sort_keys=True)
+
+
+ADAFACTOR_SHAPES = ((128, 136), (136, 128))
+ADAFACTOR_LEARNING_RATES = (0.01, 0.02)
+ADAFACTOR_ROWS = 4
+
+
+def adafactor_inputs(shape, step):
+  """A parameter and the gradient of a step, from integer formulas (exact in float32), so that
+  the test makes the same inputs without storing them."""
+  i = np.arange(shape[0])[:, None]
+  j = np.arange(shape[1])[None, :]
+  param = (((i * 37 + j * 11) % 101) - 50).astype(np.float32) / np.float32(50)
+  grad = (((i * 13 + j * 7 + step * 5) % 97) - 48).astype(np.float32) / np.float32(480)
+  return param, grad
+
+
+def adafactor_factored(output_dir):
+  """Writes adafactor_factored.npz: two steps of Meliad's optimizer (flax.optim.Adafactor
+  with beta1 0.9, as FlaxAdafactorConfig creates it) on parameters large enough to be
+  factored (the model goldens' are not), in both orientations. Stored per shape: the first
+  ADAFACTOR_ROWS rows of the parameter and of m after the steps, and v_row and v_col."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optimizer_config  # pylint: disable=g-import-not-at-top
+  outputs = {"learning_rates": np.asarray(ADAFACTOR_LEARNING_RATES, np.float32)}
+  for shape in ADAFACTOR_SHAPES:
+    param, _ = adafactor_inputs(shape, 0)
+    optimizer = optimizer_config.FlaxAdafactorConfig().create_optimizer_def().create(
+        jnp.asarray(param))
+    for step, learning_rate in enumerate(ADAFACTOR_LEARNING_RATES):
+      _, grad = adafactor_inputs(shape, step)
+      optimizer = optimizer.apply_gradient(jnp.asarray(grad), learning_rate=learning_rate)
+    state = optimizer.state.param_states
+    key = "x".join(map(str, shape))
+    outputs[f"{key}/param"] = np.asarray(optimizer.target)[:ADAFACTOR_ROWS]
+    outputs[f"{key}/m"] = np.asarray(state.m)[:ADAFACTOR_ROWS]
+    outputs[f"{key}/v_row"] = np.asarray(state.v_row)
+    outputs[f"{key}/v_col"] = np.asarray(state.v_col)
+  np.savez_compressed(os.path.join(output_dir, "adafactor_factored.npz"), **outputs)
 
 
 def main():
@@ -222,7 +301,10 @@ def main():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS(["make_goldens"])
   for family in args.families.split(","):
-    run_family(args.meliad_dir, family, args.output_dir)
+    if family:
+      run_family(args.meliad_dir, family, args.output_dir)
+  parameter_shapes(args.meliad_dir, args.output_dir)
+  adafactor_factored(args.output_dir)
 
 
 if __name__ == "__main__":
