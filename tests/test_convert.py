@@ -10,6 +10,7 @@ import gin
 import msgpack
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import app
 from absl.testing import flagsaver
 
@@ -225,3 +226,16 @@ def test_every_parameter_and_slot_has_meliads_path_and_shape(name, clean_gin):
   slots = {f"{path}/{slot}": list(slot_variable.shape) for path, variable in pairs.items()
            for slot, slot_variable in optimizer.slots_for(variable).items()}
   assert slots == record["slots"]
+
+
+@pytest.mark.xfail(strict=True, reason="checkpoints.write_atomically (used by CheckpointKeeper."
+                   "save for model_signature.json and data_signature.json, and by Trainer.train "
+                   "for config.gin) writes with os and tempfile rather than tf.io.gfile, so a "
+                   "workdir on ram:// or gs:// gets no signature files (they go to a local "
+                   "directory named 'ram:' or 'gs:')")
+def test_converts_into_a_workdir_on_any_filesystem(tmp_path, monkeypatch, clean_gin):
+  monkeypatch.chdir(tmp_path)  # Where the stray local directory lands.
+  output = "ram://meliad_convert_test/converted"
+  convert.convert(XL, output)
+  assert tf.io.gfile.exists(os.path.join(output, "config.gin"))
+  assert tf.io.gfile.exists(os.path.join(output, checkpoints.SIGNATURE_FILE))
