@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "matplotlib==3.10.8",
 ]
 
+CONVERT_REQUIRES = ["msgpack==1.2.4"]
+
 setuptools.setup(
     name="meliad-tf",
     version="0.1.0",
@@ -29,7 +31,11 @@ setuptools.setup(
     package_dir={"meliad_configs": "configs", "meliad_tools": "tools"},
     package_data={"meliad_configs": ["*.gin", "**/*.gin"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={
+        # Reading Flax's checkpoints (meliad-convert): the msgpack files Meliad writes.
+        "convert": CONVERT_REQUIRES,
+        "test": ["pytest==9.2.0"] + CONVERT_REQUIRES,
+    },
     entry_points={
         "console_scripts": [
             "meliad-train=meliad_tools.train:run",
@@ -40,6 +46,7 @@ setuptools.setup(
             "meliad-export=meliad_tools.export:run",
             "meliad-eval=meliad_tools.eval:run",
             "meliad-generate=meliad_tools.generate:run",
+            "meliad-convert=meliad_tools.convert:run",
         ],
     },
 )

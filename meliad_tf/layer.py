@@ -441,7 +441,7 @@ class TransformerLayer(tf.Module):
     if self.memory is not None:
       attn, new_state["memory"] = self._memory_attention(
           attn, keys, values, queries, start_of_sequence, state["memory"], training,
-          diagnostics)
+          diagnostics, rotary_wavelength=rotary)
     cross_attn = None
     if self.recurrent is not None:
       cross_attn, new_state["recurrent"] = self._recurrence(
@@ -462,12 +462,14 @@ class TransformerLayer(tf.Module):
 
   @profiling.scoped("memory")
   def _memory_attention(self, attn, keys, values, queries, start_of_sequence, state,
-                        training, diagnostics):
+                        training, diagnostics, rotary_wavelength=None):
     """Mixes local attention with attention over the memory, then stores this segment.
 
     In Meliad's order: reset the memory of streams whose document starts, retrieve the K
     neighbours of every query from the memory as it was (so never from this segment),
-    then write this segment's keys and values.
+    then write this segment's keys and values. With rotary positions the search uses the
+    unrotated queries but the attention over the neighbours the queries as the local
+    attention rotates them (by their position in their window), as Meliad does.
 
     Args:
       attn: local attention output [B, N, H, d].
@@ -477,6 +479,7 @@ class TransformerLayer(tf.Module):
       training: whether this is a training step (a host search keeps separate indices for
         the training and the test state).
       diagnostics: optional dict for the mean gate.
+      rotary_wavelength: set with rotary positions (see above).
     Returns:
       ((1 - g) * attn + g * memory attention [B, N, H, d], the new memory state).
     """
@@ -486,11 +489,18 @@ class TransformerLayer(tf.Module):
     if self.memory.searches_on_host:
       neighbors = self.memory.host_search(state, queries, keys, self.memory_num_neighbors,
                                           "train" if training else "test")
-    mixed = self.read_memory(attn, queries, state, neighbors, diagnostics)
+    attention_queries = None
+    if rotary_wavelength is not None:
+      window = self.window_length if self.use_long_xl_architecture else queries.shape[1]
+      attention_queries = attention.merge_windows(positions.rotate_half_split(
+          attention.split_windows(queries, window), range(window), rotary_wavelength))
+    mixed = self.read_memory(attn, queries, state, neighbors, diagnostics,
+                             attention_queries=attention_queries)
     return mixed, self.memory.write(state, keys, values)
 
   @profiling.scoped("memory")
-  def read_memory(self, attn, queries, state, neighbors=None, diagnostics=None):
+  def read_memory(self, attn, queries, state, neighbors=None, diagnostics=None,
+                  attention_queries=None):
     """Mixes local attention with attention over each query's K neighbours in memory.
 
     The memory is only read: on a segment the caller resets and writes around it; a
@@ -503,12 +513,17 @@ class TransformerLayer(tf.Module):
       state: this layer's memory state.
       neighbors: slots [B, H, n, K] found on the host, or None to search on device.
       diagnostics: optional dict for the mean gate.
+      attention_queries: [B, n, H, d], the queries that attend over the neighbours when
+        they are not those that found them (rotated ones, with rotary positions).
     Returns:
       (1 - g) * attn + g * memory attention, [B, n, H, d], with g = sigmoid(bias) per head.
     """
     scores = None
     if neighbors is None:
       neighbors, scores = self.memory.search(state, queries, self.memory_num_neighbors)
+    if attention_queries is not None:
+      # The search's scores are those of the other queries: the logits are recomputed.
+      queries, scores = attention_queries, None
     external = self.memory.attend(state, queries, neighbors, scores,
                                   scale=self.tbase.attention_scale)
     gate = tf.sigmoid(self.external_memory_bias)  # [H]

@@ -62,12 +62,15 @@ class MLP(tf.Module):
     final_activation: applied to y before the gate, or None.
     use_bias: biases in the dense layers.
     gate_type: one of GATE_TYPES.
+    initializer_scale: scale of the dense layers' initial kernels (variance scaling, fan
+      in); the gates' kernels keep their own scale of 0.1, as in Meliad.
     dtype: compute dtype.
   """
 
   def __init__(self, num_input_features, num_output_features, num_layers=2,
                num_hidden_units=0, hidden_activation="relu", final_activation=None,
-               use_bias=False, gate_type="residual", dtype="float32", name=None):
+               use_bias=False, gate_type="residual", initializer_scale=1.0, dtype="float32",
+               name=None):
     super().__init__(name=name)
     if num_layers not in (1, 2):
       raise ValueError(f"MLP.num_layers must be 1 or 2, got {num_layers}")
@@ -75,6 +78,8 @@ class MLP(tf.Module):
       raise ValueError(f"MLP.num_hidden_units must be positive with 2 layers, got {num_hidden_units}")
     if gate_type not in GATE_TYPES:
       raise ValueError(f"unknown gate_type {gate_type!r}; known: {GATE_TYPES}")
+    if isinstance(initializer_scale, bool) or not initializer_scale > 0:
+      raise ValueError(f"MLP.initializer_scale must be positive, got {initializer_scale!r}")
     self.hidden_activation = _activation(hidden_activation, "hidden_activation")
     self.final_activation = _activation(final_activation, "final_activation")
     self.gate_type = gate_type
@@ -82,12 +87,13 @@ class MLP(tf.Module):
     gate_input = num_input_features
     with self.name_scope:
       if num_layers == 2:
-        self.hidden = Dense(num_input_features, num_hidden_units, use_bias, dtype=dtype,
-                            name="hidden0")
+        self.hidden = Dense(num_input_features, num_hidden_units, use_bias,
+                            kernel_scale=initializer_scale, dtype=dtype, name="hidden0")
         gate_input = num_hidden_units
       else:
         self.hidden = None
-      self.output_layer = Dense(gate_input, num_output_features, use_bias, dtype=dtype,
+      self.output_layer = Dense(gate_input, num_output_features, use_bias,
+                                kernel_scale=initializer_scale, dtype=dtype,
                                 name="output_layer")
       if gate_type == "bias":
         self.gate_bias = tf.Variable(initializers.normal([num_output_features], 0.1),

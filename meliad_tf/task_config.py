@@ -17,6 +17,9 @@ class TransformerTaskConfig:
     sequence_length: L, tokens per segment (per step and stream).
     batch_size: B, streams per replica.
     vocab_size: rows of the embedding table; the task's vocabulary must not be larger.
+    sequential_chunks: Meliad's switch between documents read in order, segment after
+      segment (True, its default and the only mode here), and a shuffle of independent
+      one-segment chunks (False, refused: the pipelines always read documents in order).
   """
   dataset_name: str = "synthetic"
   train_split: str = "train"
@@ -24,8 +27,15 @@ class TransformerTaskConfig:
   sequence_length: int = 512
   batch_size: int = 8
   vocab_size: int = 256
+  sequential_chunks: bool = True
 
   def __post_init__(self):
+    if self.sequential_chunks is not True:
+      raise ValueError(
+          f"TransformerTaskConfig.sequential_chunks = {self.sequential_chunks!r} is not "
+          "supported: documents are always read in order, segment after segment (Meliad's "
+          "default, True); Meliad's False shuffles one-segment chunks, each a document of "
+          "its own")
     for field in ("sequence_length", "batch_size", "vocab_size"):
       value = getattr(self, field)
       if not isinstance(value, int) or value <= 0:
