@@ -320,7 +320,7 @@ class Trainer:
     grads = tape.gradient(loss, self.params)
     grads = [tf.zeros_like(p) if g is None else tf.convert_to_tensor(g)
              for g, p in zip(grads, self.params)]
-    return grads, metrics, new_state
+    return grads, _scalars(metrics), new_state
 
   def _store_train_state(self, new_state, all_finite):
     """Keeps the streams' new state; a skipped non-finite step keeps the old one (replica
@@ -333,7 +333,7 @@ class Trainer:
   def _evaluate(self, batch):
     _, metrics, new_state = self.model(batch, self.test_state.read(), training=False)
     self.test_state.assign(new_state)
-    return metrics
+    return _scalars(metrics)
 
   def _build_steps(self):
     if self.trace_debug_mode:
@@ -708,6 +708,12 @@ class Trainer:
       for path, variable in _flatten_with_paths(mode.checkpointable.variables_by_name):
         shapes[f"state_{mode.name}/{path}"] = list(variable.shape)
     return shapes
+
+
+def _scalars(metrics):
+  """The scalar metrics: the model also returns per-token losses and predictions when built
+  with `output_token_losses` (for scoring), which summaries do not take."""
+  return {key: value for key, value in metrics.items() if value.shape.rank == 0}
 
 
 def _without_graph_context(message):
