@@ -636,8 +636,10 @@ class Trainer:
       if should_run(step, self.parameter_metrics_every_steps):
         writer.parameter_statistics(self.model, step)
       if self.save_checkpoints and (should_run(step, self.checkpoint_every_steps) or is_last):
-        self.checkpoints.save()
+        # The log first: killed in between, the log holds steps that the restart truncates,
+        # never a gap before the checkpoint.
         step_losses.flush()
+        self.checkpoints.save()
         if not self.parameter_metrics_every_steps:
           writer.parameter_statistics(self.model, step)
       if voted is not None:
@@ -657,8 +659,8 @@ class Trainer:
 
   def _stop(self, signal_number, on_another_host, writer, step_losses):
     """Saves a checkpoint at this step boundary and raises TrainingInterrupted."""
-    path = self.checkpoints.save() if self.save_checkpoints else None
     step_losses.flush()
+    path = self.checkpoints.save() if self.save_checkpoints else None
     writer.flush()
     outcome = (f"checkpoint {path} holds it; run the same command to continue" if path else
                "nothing was saved (no workdir, or Trainer.save_checkpoints = False)")
@@ -758,30 +760,36 @@ class _StopRequests:
 
 
 class _StepLossLog:
-  """`{"step": s, "loss": x}` per training step, appended to a JSON-lines file.
+  """`{"step": s, "loss": x}` per training step, in a JSON-lines file.
 
   Opening the log keeps only the records of the steps before `first_step`, the step the
   run continues from: a restarted run repeats the steps after its checkpoint, and a killed
-  one may have left a partial last line. On a local disk every record is flushed as it is
-  written. Other filesystems cannot append in place (GCS rewrites the whole object), so
-  there records are flushed at checkpoints and at the end. With no path, nothing is written.
+  one may have left a partial last line. On a local disk records are appended and each is
+  flushed as it is written. Other filesystems cannot append in place (a GCS object is
+  written whole), so there the log is kept in memory and rewritten, atomically, at
+  checkpoints and at the end. With no path, nothing is written.
   """
 
   def __init__(self, path, first_step):
     self.path = path
     self.first_step = first_step
-    self.flush_every_record = not storage.has_scheme(path)
+    self.append_in_place = not storage.has_scheme(path)
+    self._records = []
     self._file = None
 
   def __enter__(self):
     if self.path:
-      self._keep_records_before(self.first_step)
-      self._file = tf.io.gfile.GFile(self.path, "a")
+      kept = self._records_before(self.first_step)
+      if self.append_in_place:
+        self._file = tf.io.gfile.GFile(self.path, "a")
+      else:
+        self._records = kept
     return self
 
-  def _keep_records_before(self, step):
+  def _records_before(self, step):
+    """The file's complete records of the steps before `step`; rewrites it if it held more."""
     if not tf.io.gfile.exists(self.path):
-      return
+      return []
     lines = storage.read_text(self.path).splitlines(keepends=True)
     kept = []
     for line in lines:
@@ -794,25 +802,30 @@ class _StepLossLog:
       kept.append(line)
     if len(kept) < len(lines):
       storage.write_atomically(self.path, "".join(kept))
+    return kept
 
   def write(self, step, loss, skipped=False):
     """Records one step; `loss` None for a non-finite one."""
-    if self._file is None:
+    if not self.path:
       return
     record = {"step": step, "loss": None if loss is None else float(loss)}
     if skipped:
       record["skipped"] = True
-    self._file.write(json.dumps(record) + "\n")
-    if self.flush_every_record:
+    line = json.dumps(record) + "\n"
+    if self.append_in_place:
+      self._file.write(line)
       self._file.flush()
+    else:
+      self._records.append(line)
 
   def flush(self):
-    if self._file is not None:
-      self._file.flush()
+    if self.path and not self.append_in_place:
+      storage.write_atomically(self.path, "".join(self._records))
 
   def __exit__(self, *exc_info):
     if self._file is not None:
       self._file.close()
+    self.flush()
 
 
 def _flatten_with_paths(nested, prefix=""):
