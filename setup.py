@@ -34,7 +34,12 @@ setuptools.setup(
     extras_require={
         # Reading Flax's checkpoints (meliad-convert): the msgpack files Meliad writes.
         "convert": CONVERT_REQUIRES,
-        "test": ["pytest==9.2.0"] + CONVERT_REQUIRES,
+        # A TPU VM: TensorFlow's TPU build of the pinned release, with libtpu.
+        "tpu": ["tensorflow-tpu==2.20.0"],
+        # NVIDIA GPUs: the pinned release with its CUDA libraries.
+        "gpu": ["tensorflow[and-cuda]==2.20.0"],
+        # The emulator lets the slow tests run TensorFlow's gs:// client on 127.0.0.1.
+        "test": ["pytest==9.2.0", "gcp-storage-emulator==2026.7.19"] + CONVERT_REQUIRES,
     },
     entry_points={
         "console_scripts": [

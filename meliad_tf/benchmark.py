@@ -168,9 +168,9 @@ class TimedTrainer:
     self.train_times, self.eval_times, self.input_times = [], [], []
 
   def train_step(self):
-    """One step of the training loop: the next batch from the pipeline, the compiled step,
-    and its metrics fetched to the host."""
-    self.trainer.train_step()
+    """One call of the training loop (`Trainer.steps_per_loop` steps): the next batches from
+    the pipeline, the compiled steps, and their metrics fetched to the host."""
+    self.trainer.train_steps(self.trainer.steps_per_loop)
 
   def next_batch(self):
     # pylint: disable-next=protected-access
@@ -182,7 +182,7 @@ class TimedTrainer:
       value.numpy()  # waits for the step to finish
 
   def time_round(self):
-    self.train_times.append(_seconds(self.train_step))
+    self.train_times.append(_seconds(self.train_step) / self.trainer.steps_per_loop)
     if self.time_input:
       self.input_times.append(_seconds(self.next_batch))
     self.eval_times.append(_seconds(self.eval_step))

@@ -203,6 +203,13 @@ def test_no_checkpoints_kept(workdir):
   assert snapshot(workdir) == before
 
 
+def test_steps_per_loop_zero(workdir):
+  before = snapshot(workdir)
+  expect_error("Trainer.steps_per_loop must be >= 1, got 0", "Trainer.steps_per_loop = 0",
+               workdir=workdir)
+  assert snapshot(workdir) == before
+
+
 def test_segment_not_a_multiple_of_window(workdir):
   before = snapshot(workdir)
   expect_error(r"the segment length \(TransformerTaskConfig.sequence_length = 200\) must be a "
@@ -492,6 +499,23 @@ def test_resume_with_test_cycles_added(workdir):
                          workdir=workdir)
   assert metrics["token_count"] > 0
   assert snapshot(_checkpoint_dir(workdir)) == before
+
+
+def test_checkpoint_of_an_older_layout(workdir):
+  """A checkpoint that holds the data iterator itself, as older versions wrote it."""
+  configure(*SAVED)
+  trainer = trainer_lib.Trainer().build()
+  old = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                            train_state=trainer.train_state.checkpointable,
+                            test_state=trainer.test_state.checkpointable,
+                            train_data=trainer.train_iterator)
+  tf.train.CheckpointManager(old, _checkpoint_dir(workdir), 2,
+                             checkpoint_name=checkpoints.CHECKPOINT_NAME).save(4)
+  before = snapshot(workdir)
+  expect_error(r"ckpt-4 holds its data position in the layout of an older meliad-tf.*start a "
+               r"new --workdir with --load_dir=", *SAVED, "Trainer.num_steps = 5",
+               workdir=workdir)
+  assert snapshot(workdir) == before
 
 
 def _damage(path):
