@@ -108,15 +108,16 @@ class DecoderOnlyLanguageModel(tf.Module):
 def summarize(sums, num_steps=1):
   """Meliad's metrics from counts summed over `num_steps` steps (numpy or Python numbers).
 
-  Returns loss (sum), nats/bits per token, bits per byte (if num_chars), accuracy,
-  perplexity, and the diagnostics averaged over the steps. Empty counts give zeros
-  rather than NaN, with Meliad's 1e-6 guard.
+  Returns loss (as Meliad reports it: the mean over the steps of each step's summed loss),
+  nats/bits per token, bits per byte (if num_chars), accuracy, perplexity, and the
+  diagnostics averaged over the steps. Empty counts give zeros rather than NaN, with
+  Meliad's 1e-6 guard.
   """
   tokens = float(sums["token_count"])
   loss = float(sums["loss"])
   nats = loss / (tokens + 1e-6)
   result = {
-      "loss": loss,
+      "loss": loss / max(num_steps, 1),
       "token_count": tokens,
       "nats_per_token": nats,
       "bits_per_token": nats * LOG2_E,

@@ -66,9 +66,9 @@ class SummaryWriter:
 class Accumulator:
   """Sums metric counts over the steps between two TensorBoard flushes.
 
-  `loss` is reported as Meliad does: the mean over steps of each step's summed loss;
-  per-token and per-byte figures are weighted by tokens and bytes; diagnostics (keys
-  starting with "diagnostics/") are averaged over steps.
+  `loss` is the mean over steps of each step's summed loss (`model.summarize`); per-token
+  and per-byte figures are weighted by tokens and bytes; diagnostics (keys starting with
+  "diagnostics/") are averaged over steps.
   """
 
   def __init__(self):
@@ -91,7 +91,6 @@ class Accumulator:
 
   def _summary(self, sums, steps):
     result = model_lib.summarize(sums, steps)
-    result["loss"] = float(sums["loss"]) / max(steps, 1)
     if "learning_rate" in self.last:
       result["learning_rate"] = float(self.last["learning_rate"])
     return result

@@ -159,3 +159,15 @@ def test_steps_per_loop_keeps_losses_summaries_tests_and_checkpoints(jit_compile
     if not tag.endswith(("tokens_per_second", "std", "mean")):
       np.testing.assert_allclose([v for _, v in scalars_10[tag]], [v for _, v in points],
                                  rtol=1e-5, err_msg=tag)
+
+
+def test_test_loss_is_the_mean_over_the_cycle_of_each_steps_summed_loss(tmp_path):
+  """As Meliad reports it; the per-token rates weigh every token of the cycle."""
+  trainer = build("Trainer.num_steps = 1", "Trainer.test_every_steps = 1",
+                  "Trainer.num_test_steps = 3")
+  metrics = trainer.train(str(tmp_path))
+  total = metrics["nats_per_token"] * (metrics["token_count"] + 1e-6)
+  np.testing.assert_allclose(metrics["loss"], total / 3, rtol=1e-5)
+  (step, logged), = plots.read_scalars(str(tmp_path))["test/loss"]
+  assert step == 0
+  np.testing.assert_allclose(logged, total / 3, rtol=1e-5)
