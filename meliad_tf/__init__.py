@@ -1,15 +1,15 @@
 """meliad-tf: Transformer-XL, Memorizing and Block-Recurrent Transformers in TensorFlow 2.
 
-Importing the package registers every gin configurable under Meliad's names.
-"""
+The library is laid out in floors, each importing only from the floors below it:
 
-from meliad_tf import decoder
-from meliad_tf import layer
-from meliad_tf import memory
-from meliad_tf import mlp
-from meliad_tf import model
-from meliad_tf import norms
-from meliad_tf import optimizer
-from meliad_tf import schedules
-from meliad_tf import task_config
-from meliad_tf import trainer
+  common/      files on any filesystem (storage)
+  layers/      attention, positions, norms, MLP, dropout, initializers, the kNN memory and
+               its host search, the recurrent cell, the profiler's name scopes
+  model/       the transformer layer, the decoder stack, the language model, task config
+  training/    distribution, per-stream state, optimizer, schedules, checkpoints, summaries,
+               the trainer, gin set-up, Meliad checkpoint conversion, training curves
+  serving/     the exported SavedModel, document evaluation, generation, loading a workdir
+  benchmarks/  step timing and the profiler's trace analysis
+
+`meliad_tf.training.gin_setup` registers every gin configurable under Meliad's names.
+"""

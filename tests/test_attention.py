@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import attention
-from meliad_tf import positions
+from meliad_tf.layers import attention
+from meliad_tf.layers import positions
 
 
 def naive_softmax_rows(logits):

@@ -27,10 +27,10 @@ import sentencepiece
 import tensorflow as tf
 
 import pipelines
-from meliad_tf import checkpoints
-from meliad_tf import export
-from meliad_tf import gin_setup
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.serving import export
+from meliad_tf.training import gin_setup
+from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import export as export_tool
 
 FILES = ["base_htrans.gin", "size/tiny_test.gin"]

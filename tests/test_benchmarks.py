@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from meliad_tf import benchmark
+from meliad_tf.benchmarks import timing as benchmark
 from meliad_tools import bench
 
 

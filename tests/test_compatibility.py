@@ -14,10 +14,10 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import export
-from meliad_tf import gin_setup
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.serving import export
+from meliad_tf.training import gin_setup
+from meliad_tf.training import trainer as trainer_lib
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "written_before_the_floors")
 EXPECTED = np.load(os.path.join(DATA, "expected.npz"))

@@ -18,10 +18,10 @@ import gin
 import pytest
 import tensorflow as tf
 
-from meliad_tf import gin_setup
-from meliad_tf import model as model_lib
-from meliad_tf import positions
-from meliad_tf import trainer as trainer_lib  # Registers training_loop.* and optimizer_config.*
+from meliad_tf.training import gin_setup
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.layers import positions
+from meliad_tf.training import trainer as trainer_lib  # Registers training_loop.* and optimizer_config.*
 
 BASE = "base_htrans.gin"
 TINY = "size/tiny_test.gin"
@@ -459,7 +459,7 @@ RECURRENT_TINY_PARAMS = ("NUM_LAYERS = 4",)
 
 
 def recurrent_parameters(gate_type, single_gate, skip_ffn):
-  """Trainable parameters a recurrent layer adds to an ordinary one (spec §1.4, §5.3).
+  """Trainable parameters a recurrent layer adds to an ordinary one.
 
   The token side gains Wq2 (E x Hd), attention_scale2 (H) and Hd more projection rows. The
   cell has its own norm (E), position embeddings and initial state (S x E each), Wk, Wv, Wq,

@@ -14,13 +14,13 @@ import tensorflow as tf
 from absl import app
 from absl.testing import flagsaver
 
-from meliad_tf import checkpoints
-from meliad_tf import convert
-from meliad_tf import export
-from meliad_tf import gin_setup
-from meliad_tf import model as model_lib
-from meliad_tf import optimizer as optimizer_lib
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import convert
+from meliad_tf.serving import export
+from meliad_tf.training import gin_setup
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.training import optimizer as optimizer_lib
+from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import convert as convert_tool
 from meliad_tools import export as export_tool
 

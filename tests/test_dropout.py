@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import dropout
+from meliad_tf.layers import dropout
 
 
 def test_masks_are_identical_in_eager_graph_and_xla():

@@ -14,8 +14,8 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
-from meliad_tf import checkpoint_loading
-from meliad_tf import evaluation
+from meliad_tf.serving import loading as checkpoint_loading
+from meliad_tf.serving import evaluation
 from meliad_tools import eval as eval_tool
 
 L = tiny_run.SEQUENCE_LENGTH

@@ -38,7 +38,7 @@ def _command(workdir):
 def scenario(output):
   """Runs inside the emulator's namespace; writes what it saw to `output` (JSON)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from meliad_tf import checkpoints  # pylint: disable=import-outside-toplevel
+  from meliad_tf.training import checkpoints  # pylint: disable=import-outside-toplevel
 
   rng = random.Random(int(os.environ.get("MELIAD_RESUME_SEED", random.randrange(1 << 30))))
   environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -1,4 +1,4 @@
-"""Incremental decoding (spec §7.9): decode steps reproduce the forward pass, greedy
+"""Incremental decoding: decode steps reproduce the forward pass, greedy
 generation is the argmax of `score` on the fed-back text, sampling, and bad arguments."""
 
 import gin
@@ -11,10 +11,10 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
-from meliad_tf import export
-from meliad_tf import generation
-from meliad_tf import layer as layer_lib
-from meliad_tf import model as model_lib
+from meliad_tf.serving import export
+from meliad_tf.serving import generation
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.model import language_model as model_lib
 from meliad_tools import generate as generate_tool
 
 L = tiny_run.SEQUENCE_LENGTH

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import layer as layer_lib
-from meliad_tf import memory as memory_lib
-from meliad_tf import mlp
-from meliad_tf import norms
-from meliad_tf import positions
-from meliad_tf import task_config
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.layers import memory as memory_lib
+from meliad_tf.layers import mlp
+from meliad_tf.layers import norms
+from meliad_tf.layers import positions
+from meliad_tf.model import task_config
 
 
 def _naive_layer_norm(x, scale, bias, use_mean, epsilon=1e-6):

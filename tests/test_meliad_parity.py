@@ -33,8 +33,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import checkpoint_loading
-from meliad_tf import convert
+from meliad_tf.serving import loading as checkpoint_loading
+from meliad_tf.training import convert
 
 GOLDENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meliad_goldens")
 FAMILIES = sorted(name for name in os.listdir(GOLDENS)
@@ -123,9 +123,9 @@ def test_one_adafactor_step_equals_meliads(converted, clean_gin):
 def _restored_trainer(workdir):
   """Our trainer built from the converted workdir's config, restored as a resume would."""
   import gin  # pylint: disable=g-import-not-at-top
-  from meliad_tf import checkpoints  # pylint: disable=g-import-not-at-top
-  from meliad_tf import gin_setup  # pylint: disable=g-import-not-at-top
-  from meliad_tf import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from meliad_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from meliad_tf.training import gin_setup  # pylint: disable=g-import-not-at-top
+  from meliad_tf.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   gin_setup.parse([os.path.join(workdir, "config.gin")])
   trainer = trainer_lib.Trainer().build()
@@ -149,7 +149,7 @@ def test_factored_adafactor_steps_equal_meliads(shape):
   golden = _golden_file("adafactor_factored.npz")
   key = "x".join(map(str, shape))
   rows = golden[f"{key}/param"].shape[0]
-  from meliad_tf import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from meliad_tf.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   param = tf.Variable(_adafactor_inputs(shape, 0)[0], name=f"factored_{key}")
   optimizer = optimizer_lib.FlaxAdafactorConfig().create()
   optimizer.build([param])

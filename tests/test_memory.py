@@ -10,15 +10,15 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from meliad_tf import checkpoints
-from meliad_tf import decoder
-from meliad_tf import gin_setup
-from meliad_tf import host_memory
-from meliad_tf import layer as layer_lib
-from meliad_tf import memory as memory_lib
-from meliad_tf import model as model_lib
-from meliad_tf import task_config
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.model import decoder
+from meliad_tf.training import gin_setup
+from meliad_tf.layers import host_search
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.layers import memory as memory_lib
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import task_config
+from meliad_tf.training import trainer as trainer_lib
 
 ON_DEVICE = ("bucketed", "exact", "approx_max_k")
 
@@ -576,7 +576,7 @@ def test_scann_tree_index_is_trained_once_full_and_finds_the_neighbours():
   rng = np.random.default_rng(11)
   size, length, k = 256, 32, 8
   # All partitions searched and re-scored exactly: the tree must find the true top K.
-  search = host_memory.HostSearch(size, 16, k, host_memory.ScannOptions(
+  search = host_search.HostSearch(size, 16, k, host_search.ScannOptions(
       num_leaves=4, leaves_to_search=4, reorder_neighbors=size))
   memory = np.zeros((1, 1, size, 16), np.float32)
   for step in range(size // length + 2):

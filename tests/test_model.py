@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import decoder
-from meliad_tf import layer
-from meliad_tf import model
-from meliad_tf import task_config as task_config_lib
+from meliad_tf.model import decoder
+from meliad_tf.model import layer
+from meliad_tf.model import language_model as model
+from meliad_tf.model import task_config as task_config_lib
 
 
 def tiny_model(position_type="t5", window=4, sequence_length=8, batch_size=2, vocab_size=50,

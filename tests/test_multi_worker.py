@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import gin_setup
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import gin_setup
+from meliad_tf.training import trainer as trainer_lib
 
 PARAMS = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
           "TransformerTaskConfig.batch_size = 1", "Trainer.warmup_steps = 2",

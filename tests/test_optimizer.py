@@ -1,4 +1,4 @@
-"""Adafactor and Adam against naive float64 numpy transcriptions of Flax's updates (spec §7.3).
+"""Adafactor and Adam against naive float64 numpy transcriptions of Flax's updates.
 
 The implementations compute in float32; every comparison with a float64 reference uses rtol 1e-5 plus an
 absolute floor of 1e-6 of the array's largest magnitude (float32 rounding of near-zero entries).
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import optimizer
-from meliad_tf import schedules
+from meliad_tf.training import optimizer
+from meliad_tf.training import schedules
 
 RTOL = 1e-5
 ATOL_FRACTION = 1e-6

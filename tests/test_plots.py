@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from meliad_tf import plots
-from meliad_tf import summaries
+from meliad_tf.training import plots
+from meliad_tf.training import summaries
 
 
 def write_run(workdir, values):

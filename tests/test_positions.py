@@ -5,7 +5,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import positions
+from meliad_tf.layers import positions
 
 # Distance -> bucket ranges from the spec's table (buckets 16..31).
 _T5_LOG_BUCKETS = [(16, 18), (19, 20), (21, 23), (24, 26), (27, 30), (31, 34), (35, 39),

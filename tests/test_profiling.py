@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from meliad_tf import profiling
+from meliad_tf.benchmarks import profiling
+from meliad_tf.layers import scopes
 
 HLO = """
 HloModule example
@@ -62,14 +63,14 @@ def test_category_is_the_scope_path_without_unique_suffixes(op_name, expected):
 
 
 def test_scoped_names_ops_and_refuses_unknown_scopes():
-  @profiling.scoped("ffn")
+  @scopes.scoped("ffn")
   def double(x):
     return x * 2.0
 
   graph = tf.function(double).get_concrete_function(tf.TensorSpec([2])).graph
   assert any(op.name.startswith("ffn/") for op in graph.get_operations())
   with pytest.raises(ValueError, match="unknown profile scope"):
-    profiling.scoped("everything")
+    scopes.scoped("everything")
 
 
 def test_concurrent_instructions_share_the_time_they_overlap():

@@ -1,4 +1,4 @@
-"""The Block-Recurrent Transformer (spec §5, DESIGN.md invariant 4).
+"""The Block-Recurrent Transformer.
 
 The numerics are checked against `NaiveRecurrentLayer`, a numpy transcription of the
 spec's formulas (§5.3, §5.4, §2.3) written here with plain loops over the windows.
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import decoder
-from meliad_tf import gin_setup
-from meliad_tf import layer as layer_lib
-from meliad_tf import model as model_lib
-from meliad_tf import recurrence
-from meliad_tf import task_config as task_config_lib
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.model import decoder
+from meliad_tf.training import gin_setup
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.layers import recurrence
+from meliad_tf.model import task_config as task_config_lib
+from meliad_tf.training import trainer as trainer_lib
 
 EMBED = 16
 HEADS = 2
@@ -63,7 +63,7 @@ def sigmoid(x):
 
 
 def naive_attention(queries, keys, values, scale, mask=None):
-  """queries [B, nq, H, d], keys/values [B, nk, H, d]; the safe softmax of spec §2.3."""
+  """queries [B, nq, H, d], keys/values [B, nk, H, d]; Meliad's safe softmax."""
   batch, num_queries, heads, _ = queries.shape
   out = np.zeros(queries.shape)
   for b in range(batch):

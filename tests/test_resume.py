@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import trainer as trainer_lib
 
 TINY = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
         "Trainer.warmup_steps = 2", "Trainer.max_scheduled_steps = 100",

@@ -1,4 +1,4 @@
-"""The learning-rate schedules against a plain-Python transcription of Meliad's formulas (spec §7.4)."""
+"""The learning-rate schedules against a plain-Python transcription of Meliad's formulas."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import schedules
+from meliad_tf.training import schedules
 
 MAX_STEPS = 10_000
 

@@ -17,12 +17,12 @@ import gin
 import pytest
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import export
-from meliad_tf import gin_setup
-from meliad_tf import plots
-from meliad_tf import storage
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.serving import export
+from meliad_tf.training import gin_setup
+from meliad_tf.training import plots
+from meliad_tf.common import storage
+from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import eval as eval_tool
 from meliad_tools import export as export_tool
 from meliad_tools import generate as generate_tool

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import gin_setup
-from meliad_tf import plots
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import gin_setup
+from meliad_tf.training import plots
+from meliad_tf.training import trainer as trainer_lib
 
 TINY = ["base_htrans.gin", "size/tiny_test.gin"]
 

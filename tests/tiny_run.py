@@ -14,9 +14,9 @@ import tempfile
 
 import gin
 
-from meliad_tf import export
-from meliad_tf import gin_setup
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.serving import export
+from meliad_tf.training import gin_setup
+from meliad_tf.training import trainer as trainer_lib
 
 SEQUENCE_LENGTH = 32
 WINDOW = 16

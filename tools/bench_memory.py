@@ -28,9 +28,9 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import benchmark
-from meliad_tf import host_memory
-from meliad_tf import memory as memory_lib
+from meliad_tf.benchmarks import timing as benchmark
+from meliad_tf.layers import host_search
+from meliad_tf.layers import memory as memory_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small_test", "Size config under configs/size/.")
@@ -131,7 +131,7 @@ def recall(size, num_queries, num_neighbors, dim=128, seed=0):
 
   exact = on_device("exact")
   found = {backend: on_device(backend) for backend in ("bucketed", "approx_max_k")}
-  index = host_memory.ScannIndex(size, dim, num_neighbors, host_memory.ScannOptions())
+  index = host_search.ScannIndex(size, dim, num_neighbors, host_search.ScannOptions())
   start = time.perf_counter()
   index.upsert(np.arange(size), keys)
   if index.wants_tree:

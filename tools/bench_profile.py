@@ -6,7 +6,7 @@
 
 Builds the trainer from the gin files, compiles the step with XLA, traces `--steps` calls
 with the TensorFlow profiler and attributes each executed HLO instruction's time to the
-model part it came from (see meliad_tf/profiling.py): embedding, kvq, attention/scores,
+model part it came from (see meliad_tf/benchmarks/profiling.py): embedding, kvq, attention/scores,
 attention/softmax, attention/weighted_values, memory/..., recurrence/..., projection, ffn,
 dropout, output, loss, optimizer, each forward or backward. Prints one JSON object on
 stdout and the same as a table on stderr. The trace stays in --trace_dir (a temporary
@@ -23,9 +23,9 @@ import sys
 from absl import app
 from absl import flags
 
-from meliad_tf import benchmark
-from meliad_tf import profiling
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.benchmarks import timing as benchmark
+from meliad_tf.benchmarks import profiling
+from meliad_tf.training import trainer as trainer_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", None, "Gin files, in order (default: base_htrans.gin "

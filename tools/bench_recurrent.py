@@ -18,7 +18,7 @@ import sys
 from absl import app
 from absl import flags
 
-from meliad_tf import benchmark
+from meliad_tf.benchmarks import timing as benchmark
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 8, "Timed rounds; each times one step of every model.")

@@ -24,7 +24,7 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
-from meliad_tf import benchmark
+from meliad_tf.benchmarks import timing as benchmark
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["tiny_test", "small_test"], "Size configs under configs/size/.",

@@ -38,7 +38,7 @@ def main(argv):
     if not getattr(FLAGS, flag):
       raise app.UsageError(f"--{flag} is required")
   try:
-    from meliad_tf import convert  # pylint: disable=g-import-not-at-top
+    from meliad_tf.training import convert  # pylint: disable=g-import-not-at-top
     import pipelines  # pylint: disable=g-import-not-at-top
     convert.require_msgpack()
   except ImportError as e:

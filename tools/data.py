@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
-from meliad_tf import storage
+from meliad_tf.common import storage
 import pipelines
 
 FLAGS = flags.FLAGS

@@ -23,9 +23,9 @@ import sys
 from absl import app
 from absl import flags
 
-from meliad_tf import evaluation
-from meliad_tf import export
-from meliad_tf import storage
+from meliad_tf.serving import evaluation
+from meliad_tf.serving import export
+from meliad_tf.common import storage
 import pipelines
 
 FLAGS = flags.FLAGS

@@ -5,7 +5,7 @@
 The model comes from the latest checkpoint of --workdir (or of --load_dir if --workdir
 has none) and the run's config.gin. The SavedModel has the signatures score, reset,
 reset_all and generate, and assets config.gin, metadata.json and the vocabulary (see
-meliad_tf/export.py). It is written atomically: nothing appears under --output unless
+meliad_tf/serving/export.py). It is written atomically: nothing appears under --output unless
 the export completes.
 """
 
@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
-from meliad_tf import export
+from meliad_tf.serving import export
 
 FLAGS = flags.FLAGS
 # Flags allow overriding: the tools share flag names (with the same meanings), and one process

@@ -10,7 +10,7 @@ The prompt is text (--prompt), a file (--prompt_file), or the first --prompt_tok
 tokens of a document of a source (--prompt_source, a task or source name as meliad-eval
 takes). Its whole segments go through the model's ordinary forward pass; for a
 Transformer-XL model the rest is fed token by token, each token attending to exactly the W
-previous ones (spec §7.9), and memory and recurrent models re-run the current segment for
+previous ones, and memory and recurrent models re-run the current segment for
 every token (see meliad_tf.generation). A memory model retrieves from the memory the
 prompt's segments built; with --write_memory it also writes the segments it generates.
 Decoding is greedy, or sampling with a temperature and optionally top-k, seeded.
@@ -23,10 +23,10 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import evaluation
-from meliad_tf import export
-from meliad_tf import generation
-from meliad_tf import storage
+from meliad_tf.serving import evaluation
+from meliad_tf.serving import export
+from meliad_tf.serving import generation
+from meliad_tf.common import storage
 import pipelines
 
 FLAGS = flags.FLAGS

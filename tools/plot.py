@@ -9,7 +9,7 @@ import sys
 from absl import app
 from absl import flags
 
-from meliad_tf import plots
+from meliad_tf.training import plots
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR (repeatable); a bare WORKDIR, also "

@@ -16,9 +16,9 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from meliad_tf import distribution
-from meliad_tf import gin_setup
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import distribution
+from meliad_tf.training import gin_setup
+from meliad_tf.training import trainer as trainer_lib
 import pipelines
 
 FLAGS = flags.FLAGS

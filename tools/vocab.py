@@ -23,7 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from meliad_tf import storage
+from meliad_tf.common import storage
 import pipelines
 
 FLAGS = flags.FLAGS

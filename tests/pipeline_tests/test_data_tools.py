@@ -111,7 +111,7 @@ def test_meliad_vocab_rejects_bad_flags(tmp_path, overrides, message):
     ("tree_bytes", "tree_bytes", 260),
 ])
 def test_task_gin_files_name_known_tasks(name, dataset_name, num_embeddings):
-  from meliad_tf import task_config  # pylint: disable=g-import-not-at-top,unused-import
+  from meliad_tf.model import task_config  # pylint: disable=g-import-not-at-top,unused-import
   text = (TASK_GIN_DIR / f"{name}.gin").read_text()
   # training_loop.Trainer is registered by the trainer; until it is, only its binding is skipped.
   try:

@@ -53,7 +53,7 @@ def test_dataset_of_strings_and_of_dicts_keep_the_stream_invariants():
 
 
 def test_evaluation_takes_the_first_documents_of_a_dataset_of_strings():
-  from meliad_tf import evaluation  # pylint: disable=g-import-not-at-top
+  from meliad_tf.serving import evaluation  # pylint: disable=g-import-not-at-top
   texts = [f"text {i} " * 20 for i in range(5)]
   source = evaluation.first_documents(
       pipelines.DatasetSource(tf.data.Dataset.from_tensor_slices(texts), name="mine"), 2)

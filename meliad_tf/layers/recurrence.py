@@ -1,6 +1,6 @@
 """The Block-Recurrent Transformer's cell: a state of S vectors updated once per block.
 
-A recurrent layer (spec §5) carries, per stream, a state c of S vectors of width E. The
+A recurrent layer carries, per stream, a state c of S vectors of width E. The
 segment is cut into blocks of W tokens (block = window). For block t the cell
 
   1. projects the state: hc = LN(c) + position embeddings; rk, rv, rq, rq2 = hc W_k, ...
@@ -22,9 +22,9 @@ for the streams whose block just ended) and `attend_to_state`.
 
 import tensorflow as tf
 
-from meliad_tf import attention
-from meliad_tf import initializers
-from meliad_tf import profiling
+from meliad_tf.layers import attention
+from meliad_tf.layers import initializers
+from meliad_tf.layers import scopes
 
 INITIAL_STATE_STDDEV = 0.1
 
@@ -170,7 +170,7 @@ def gate_diagnostics(gates_per_block):
   return result
 
 
-@profiling.scoped("cross_attention")
+@scopes.scoped("cross_attention")
 def attend_to_state(queries2, state_keys, state_values, scale, written_gradient=True):
   """Cross attention from tokens to a recurrent state: no mask, no bias, no dropout.
 

@@ -9,8 +9,19 @@ import gin
 import tensorflow as tf
 
 import meliad_configs
-import meliad_tf  # pylint: disable=unused-import  # Registers the configurables.
-import pipelines  # pylint: disable=unused-import
+# pylint: disable=unused-import  # Importing registers their gin configurables.
+from meliad_tf.layers import memory
+from meliad_tf.layers import mlp
+from meliad_tf.layers import norms
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model
+from meliad_tf.model import layer
+from meliad_tf.model import task_config
+from meliad_tf.training import optimizer
+from meliad_tf.training import schedules
+from meliad_tf.training import trainer
+import pipelines
+# pylint: enable=unused-import
 
 CONFIG_DIRECTORY = os.path.dirname(os.path.abspath(meliad_configs.__file__))
 

@@ -10,7 +10,7 @@ holds `[global_batch, ...]` tensors, so it is portable between replica counts.
 
 import tensorflow as tf
 
-from meliad_tf import distribution
+from meliad_tf.training import distribution
 
 
 class _CheckpointedState(tf.Module):

@@ -3,7 +3,7 @@
 import gin
 import tensorflow as tf
 
-from meliad_tf import initializers
+from meliad_tf.layers import initializers
 
 
 @gin.configurable(module="nn_components")

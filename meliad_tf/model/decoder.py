@@ -5,12 +5,12 @@ import math
 import gin
 import tensorflow as tf
 
-from meliad_tf import dropout as dropout_lib
-from meliad_tf import initializers
-from meliad_tf import layer as layer_lib
-from meliad_tf import norms
-from meliad_tf import positions
-from meliad_tf import profiling
+from meliad_tf.layers import dropout as dropout_lib
+from meliad_tf.layers import initializers
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.layers import norms
+from meliad_tf.layers import positions
+from meliad_tf.layers import scopes
 
 _SEED_FINAL_DROPOUT = 1 << 20
 _SEED_CHUNK = 1 << 21
@@ -48,7 +48,7 @@ class DecoderStack(tf.Module):
       recurrent and memory layers (negative indices count from the top).
     feedback_recurrence: with recurrent layers and chunks (dstack_window_length > 0), every
       other layer cross-attends to the state entering each chunk of the last recurrent
-      layer (block feedback, spec §5.6). Meliad's default, True; recurrent/*.gin set False.
+      layer (block feedback). Meliad's default, True; recurrent/*.gin set False.
     dtype: compute dtype.
   """
 
@@ -169,7 +169,7 @@ class DecoderStack(tf.Module):
           diagnostics[f"layer_{i}/{name}"] = tf.reduce_mean(tf.stack(values))
     return self._logits(x, training, seed), new_state
 
-  @profiling.scoped("output")
+  @scopes.scoped("output")
   def _logits(self, x, training, seed):
     """The final norm, dropout and the tied output layer, scaled by 1/sqrt(V)."""
     if self.final_layernorm is not None:

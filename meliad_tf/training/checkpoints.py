@@ -30,8 +30,8 @@ import re
 from absl import logging
 import tensorflow as tf
 
-from meliad_tf import distribution
-from meliad_tf import storage
+from meliad_tf.training import distribution
+from meliad_tf.common import storage
 
 CHECKPOINT_DIRECTORY = "checkpoints"
 CHECKPOINT_NAME = "ckpt"

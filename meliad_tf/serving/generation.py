@@ -1,4 +1,4 @@
-"""Incremental decoding: a prompt in, a sampled continuation out (spec §7.9).
+"""Incremental decoding: a prompt in, a sampled continuation out.
 
 A prompt is consumed in two parts. Its whole segments of L tokens (all but the last token
 of the prompt must fit in them) go through the ordinary forward pass of the model, the
@@ -18,7 +18,7 @@ Models with a memory, recurrent or block-feedback layer re-run the current segme
 (`SegmentDecoder`): the forward pass itself, on the segment's tokens so far, from the state
 the segment started with. That is exact by construction for every layer kind, at the cost
 of one forward pass of L tokens per generated token. Unlike Meliad, which freezes the
-recurrent state while generating (spec §5.7), the recurrent state moves on at every block
+recurrent state while generating, the recurrent state moves on at every block
 boundary, as in training; the memory is read as the forward pass reads it, and written to
 only if asked (`write_memory`).
 
@@ -30,9 +30,9 @@ import math
 
 import tensorflow as tf
 
-from meliad_tf import attention
-from meliad_tf import layer as layer_lib
-from meliad_tf import positions
+from meliad_tf.layers import attention
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.layers import positions
 
 GREEDY = "greedy"
 SAMPLE = "sample"
@@ -226,12 +226,12 @@ class SegmentDecoder:
   forward pass, and its new state (XL caches, recurrent states updated at every block
   boundary, the memory with the segment written) is the next segment's start, exactly as in
   training and scoring. The recurrent state thus keeps moving during generation, where
-  Meliad freezes it (spec §5.7).
+  Meliad freezes it.
 
   With `write_memory` off, the memory stays as the prompt's whole segments left it: a
   completed segment's new state keeps its predecessor's memory (keys, values and write
   counter), so later tokens retrieve from the prompt only, as in Meliad's read-only
-  generation (spec §4.7). The prompt's tail, in the segment where generation starts, is
+  generation. The prompt's tail, in the segment where generation starts, is
   not written either: the memory is written per segment, never partially.
 
   Cost: one forward pass of L tokens per generated token, against one token's work per

@@ -33,15 +33,15 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
-from meliad_tf import checkpoints
-from meliad_tf import distribution
-from meliad_tf import model as model_lib
-from meliad_tf import optimizer as optimizer_lib
-from meliad_tf import profiling
-from meliad_tf import schedules
-from meliad_tf import state as state_lib
-from meliad_tf import storage
-from meliad_tf import summaries
+from meliad_tf.training import checkpoints
+from meliad_tf.training import distribution
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.training import optimizer as optimizer_lib
+from meliad_tf.layers import scopes
+from meliad_tf.training import schedules
+from meliad_tf.training import state as state_lib
+from meliad_tf.common import storage
+from meliad_tf.training import summaries
 
 # Batch fields the compiled steps take; the rest (document ids, epochs) stays on the host.
 MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars")
@@ -76,7 +76,7 @@ def xla_around_host_calls(fn):
   return compiled_around_host_calls
 
 
-@profiling.scoped("finite_check")
+@scopes.scoped("finite_check")
 def _all_finite(loss, grads):
   """A bool scalar: the loss and every gradient are finite."""
   checks = [tf.reduce_all(tf.math.is_finite(loss))]
@@ -407,7 +407,7 @@ class Trainer:
         else tf.distribute.ReduceOp.SUM, value, axis=None)
             for key, value in per_replica.items()}
 
-  @profiling.scoped("optimizer")
+  @scopes.scoped("optimizer")
   def _apply_on_every_replica(self, grads, learning_rate, all_finite=None):
     """The optimizer update, applied to each replica's copy of every parameter.
 

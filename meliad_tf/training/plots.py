@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
-from meliad_tf import storage
+from meliad_tf.common import storage
 
 _EVENT_FILES = "events.out.tfevents.*"
 

@@ -27,7 +27,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import profiling
+from meliad_tf.layers import scopes
 
 Slots = Dict[str, tf.Tensor]
 
@@ -124,7 +124,7 @@ class Optimizer(tf.Module):
       raise KeyError(f"{type(self).__name__} has no slots for {key}; call build() with it first")
     return self._slots[key]
 
-  @profiling.scoped("optimizer")
+  @scopes.scoped("optimizer")
   def apply_gradients(self, grads, params: Sequence[tf.Variable], learning_rate=None) -> None:
     """Updates `params` and their slots in place and increments `iterations`.
 

@@ -1,4 +1,4 @@
-"""The exported model: a SavedModel that plain TensorFlow loads and runs (DESIGN.md §3).
+"""The exported model: a SavedModel that plain TensorFlow loads and runs.
 
 `ScoringModule` wraps a `DecoderOnlyLanguageModel` for B streams. Its functions are
 TensorFlow ops only, so `tf.saved_model.load` needs nothing from this package (a
@@ -42,10 +42,10 @@ import gin
 import tensorflow as tf
 
 import pipelines
-from meliad_tf import checkpoint_loading
-from meliad_tf import generation
-from meliad_tf import gin_setup
-from meliad_tf import storage
+from meliad_tf.serving import loading as checkpoint_loading
+from meliad_tf.serving import generation
+from meliad_tf.training import gin_setup
+from meliad_tf.common import storage
 
 FORMAT = "meliad-tf-saved-model"
 FORMAT_VERSION = 1

@@ -15,9 +15,9 @@ import re
 import gin
 import tensorflow as tf
 
-from meliad_tf import checkpoints
-from meliad_tf import gin_setup
-from meliad_tf import model as model_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import gin_setup
+from meliad_tf.model import language_model as model_lib
 
 CONFIG_FILE = "config.gin"
 

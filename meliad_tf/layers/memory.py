@@ -7,7 +7,7 @@ counts the entries written since the stream's document started (all heads of a s
 move together; Meliad keeps one counter per (stream, head) with equal values). Writes go
 to slots `index mod N`: a ring buffer that overwrites the oldest segment once full.
 
-Per layer call, over the whole segment (Meliad's order, spec §4.3):
+Per layer call, over the whole segment (Meliad's order):
   1. `reset`: streams whose document starts get zero keys and values and index 0;
   2. `retrieve`: the top K entries for every query, from the memory as it was before
      this segment (so a token never retrieves its own segment);
@@ -24,7 +24,7 @@ Backends (`memory_on_tpu_factory.backend`):
   exact         the true top K of the dense scores (`tf.math.top_k`).
   approx_max_k  `tf.math.approx_max_k` with `recall_target` (approximate on TPU only).
   scann         a ScaNN index per (stream, head) on the host, searched by a host call
-                inside a graph-mode (not XLA) step; see `host_memory.py`.
+                inside a graph-mode (not XLA) step; see `host_search.py`.
 
 For decoding, `retrieve` takes any number of queries and `write` appends any number of
 entries (one generated token at a time, say), with the on-device backends.
@@ -33,9 +33,9 @@ entries (one generated token at a time, say), with the on-device backends.
 import gin
 import tensorflow as tf
 
-from meliad_tf import host_memory
-from meliad_tf import initializers
-from meliad_tf import profiling
+from meliad_tf.layers import host_search
+from meliad_tf.layers import initializers
+from meliad_tf.layers import scopes
 
 BACKENDS = ("bucketed", "exact", "approx_max_k", "scann")
 # Added to the score of an empty slot (Meliad's value): below any real dot product of
@@ -62,7 +62,7 @@ def memory_on_tpu_factory(num_heads=gin.REQUIRED, key_size=gin.REQUIRED,
       `ExternalMemory.search`); 0 scores the whole database at once (for approx_max_k on
       TPU, where XLA fuses the matmul with the approximate top K).
     scann_num_leaves, scann_leaves_to_search, scann_reorder_neighbors: the ScaNN tree and
-      re-scoring; 0 picks them from N (see `host_memory.ScannOptions`).
+      re-scoring; 0 picks them from N (see `host_search.ScannOptions`).
   Returns:
     An ExternalMemory.
   """
@@ -88,7 +88,7 @@ class ExternalMemory:
     backend: one of BACKENDS.
     recall_target: approx_max_k's recall target, in (0, 1].
     search_chunk_size: slots scored at a time on device (0: all).
-    scann_options: dict of ScaNN settings (the fields of host_memory.ScannOptions).
+    scann_options: dict of ScaNN settings (the fields of host_search.ScannOptions).
   """
 
   def __init__(self, num_heads, key_size, value_size, database_size, dtype="float32",
@@ -113,7 +113,7 @@ class ExternalMemory:
     self.backend = backend
     self.recall_target = recall_target
     self.search_chunk_size = search_chunk_size
-    self.scann_options = host_memory.ScannOptions(**(scann_options or {}))
+    self.scann_options = host_search.ScannOptions(**(scann_options or {}))
     self._host_search = None
 
   @property
@@ -163,7 +163,7 @@ class ExternalMemory:
             "values": tf.TensorSpec(rows + [self.value_size], self.dtype),
             "index": tf.TensorSpec([batch_size], tf.int32)}
 
-  @profiling.scoped("reset")
+  @scopes.scoped("reset")
   def reset(self, state, start_of_sequence):
     """Empties the memory of every stream whose document starts here (others untouched).
 
@@ -183,7 +183,7 @@ class ExternalMemory:
     return {"keys": keys, "values": values,
             "index": tf.where(start, tf.zeros_like(state["index"]), state["index"])}
 
-  @profiling.scoped("search")
+  @scopes.scoped("search")
   def search(self, state, queries, num_neighbors):
     """Slots and scores of the K neighbours of each query, on device.
 
@@ -242,11 +242,11 @@ class ExternalMemory:
         (tf.constant(0), tf.fill(best_shape, -float("inf")), tf.zeros(best_shape, tf.int32)))
     return slots, scores
 
-  @profiling.scoped("search")
+  @scopes.scoped("search")
   def host_search(self, state, queries, keys, num_neighbors, mode):
     """Slots of the K neighbours of each query, found by ScaNN on the host (scann backend).
 
-    Also indexes this segment's keys for the next one (see host_memory.py). The indices
+    Also indexes this segment's keys for the next one (see host_search.py). The indices
     are kept per mode and per replica, since each holds its own streams' memories.
 
     Args:
@@ -255,10 +255,10 @@ class ExternalMemory:
       num_neighbors: K.
       mode: "train" or "test": whose indices to use.
     Returns:
-      int32 [B, H, n, K] slots, host_memory.MISSING where fewer than K entries exist.
+      int32 [B, H, n, K] slots, host_search.MISSING where fewer than K entries exist.
     """
     if self._host_search is None:
-      self._host_search = host_memory.HostSearch(self.database_size, self.key_size,
+      self._host_search = host_search.HostSearch(self.database_size, self.key_size,
                                                  num_neighbors, self.scann_options)
     context = tf.distribute.get_replica_context()
     replica = context.replica_id_in_sync_group if context is not None else 0
@@ -308,7 +308,7 @@ class ExternalMemory:
     decoding): (keys, values), each [B, H, n, K, d]."""
     return self.gather(state, self.search(state, queries, num_neighbors)[0])
 
-  @profiling.scoped("attend")
+  @scopes.scoped("attend")
   def attend(self, state, queries, slots, scores=None, scale=None):
     """Attention of each query over its K neighbours: softmax over K, no bias, no mask.
 
@@ -346,7 +346,7 @@ class ExternalMemory:
     weighted = tf.einsum("bhqk,bhqkd->bhqd", tf.cast(probs, values.dtype), values)
     return tf.transpose(weighted, [0, 2, 1, 3])
 
-  @profiling.scoped("write")
+  @scopes.scoped("write")
   def write(self, state, keys, values):
     """Appends n entries per stream at slots (index + i) mod N and advances the index.
 
@@ -403,7 +403,7 @@ def _logits_from_scores(queries, scores, neighbour_keys):
   computed from the keys that `neighbour_keys()` gathers ([B, H, n, K, d])."""
 
   # Named as TensorFlow names the gradients it derives (see attention.attend_heads_first).
-  backward_scope = f"{profiling.BACKWARD_PREFIX}{tf.get_current_name_scope()}/"
+  backward_scope = f"{scopes.BACKWARD_PREFIX}{tf.get_current_name_scope()}/"
 
   @tf.custom_gradient
   def logits(queries):

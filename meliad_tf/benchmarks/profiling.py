@@ -14,7 +14,6 @@ The trace flag must be in XLA_FLAGS before XLA first compiles (`enable_tracing`)
 
 import bisect
 import collections
-import functools
 import math
 import os
 import re
@@ -23,32 +22,14 @@ import time
 
 import tensorflow as tf
 
-# The scopes a profile groups time by; `scoped` refuses any other name.
-SCOPES = ("embedding", "kvq", "attention", "scores", "softmax", "weighted_values", "memory",
-          "reset", "search", "attend", "write", "recurrence", "cross_attention", "projection",
-          "ffn", "dropout", "output", "loss", "optimizer", "finite_check")
+from meliad_tf.layers import scopes
+
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-BACKWARD_PREFIX = "gradient_tape/"
 # Events of the runtime itself, not of an HLO instruction.
 _RUNTIME_EVENTS = ("ThreadpoolListener", "ThunkExecutor")
 _EXECUTOR = "ThunkExecutor::Execute"
 _COMPLETION = "end: "
 _CONTAINERS = ("call", "while", "conditional")
-
-
-def scoped(name):
-  """Decorator: run the function under `tf.name_scope(name)`, a profile category."""
-  if name not in SCOPES:
-    raise ValueError(f"unknown profile scope {name!r}; known: {SCOPES}")
-
-  def decorate(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-      with tf.name_scope(name):
-        return fn(*args, **kwargs)
-    return wrapper
-
-  return decorate
 
 
 def enable_tracing():
@@ -88,7 +69,7 @@ _APPLIES = re.compile(r"to_apply=%([\w.\-]+)")
 # A scope inside a name where XLA joined the scopes with "_" (reduction computations); the
 # longer names first, so that "cross_attention" is not read as "attention".
 _SCOPE_IN_NAME = re.compile(r"(?<![a-z])(%s)(?:_\d+)?(?![a-z])" % "|".join(
-    sorted(SCOPES, key=len, reverse=True)))
+    sorted(scopes.SCOPES, key=len, reverse=True)))
 _UNIQUE_SUFFIX = re.compile(r"_\d+$")
 
 
@@ -136,14 +117,14 @@ def category(op_name):
 
   TensorFlow makes a scope entered again unique with a suffix ("attention_3"); it is dropped.
   """
-  backward = op_name.startswith(BACKWARD_PREFIX)
+  backward = op_name.startswith(scopes.BACKWARD_PREFIX)
   parts = [_UNIQUE_SUFFIX.sub("", part) for part in op_name.split("/")]
-  scopes = []
+  found = []
   for part in parts:
     # A scoped function called from another of the same scope adds nothing.
-    if part in SCOPES and (not scopes or scopes[-1] != part):
-      scopes.append(part)
-  return "/".join(scopes) or "other", "backward" if backward else "forward"
+    if part in scopes.SCOPES and (not found or found[-1] != part):
+      found.append(part)
+  return "/".join(found) or "other", "backward" if backward else "forward"
 
 
 def _op_name(instructions, name, depth=3):
@@ -161,7 +142,7 @@ def _op_name(instructions, name, depth=3):
     return instruction.op_name
   if first is None or not first.applies:
     return ""
-  prefix = BACKWARD_PREFIX if first.applies.startswith("gradient_tape") else ""
+  prefix = scopes.BACKWARD_PREFIX if first.applies.startswith("gradient_tape") else ""
   return prefix + "/".join(m.group(1) for m in _SCOPE_IN_NAME.finditer(first.applies))
 
 

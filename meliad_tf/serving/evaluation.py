@@ -1,7 +1,7 @@
 """Perplexity of whole documents, scored in the pipelines' evaluation mode.
 
 The pipeline deals every document of a split once to B streams and cuts it into
-segments of L tokens (spec §6); the model scores one segment per stream per call,
+segments of L tokens; the model scores one segment per stream per call,
 carrying each stream's state. This module turns the per-token log-probabilities into:
 
 * per document: predicted tokens, bytes, loss in nats, bits per token, bits per byte,
@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
-from meliad_tf import model as model_lib
-from meliad_tf import storage
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.common import storage
 
 
 def _rates(loss, tokens, num_bytes):

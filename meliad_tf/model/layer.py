@@ -9,14 +9,14 @@ from absl import logging
 import gin
 import tensorflow as tf
 
-from meliad_tf import attention
-from meliad_tf import dropout as dropout_lib
-from meliad_tf import initializers
-from meliad_tf import mlp
-from meliad_tf import norms
-from meliad_tf import positions
-from meliad_tf import profiling
-from meliad_tf import recurrence
+from meliad_tf.layers import attention
+from meliad_tf.layers import dropout as dropout_lib
+from meliad_tf.layers import initializers
+from meliad_tf.layers import mlp
+from meliad_tf.layers import norms
+from meliad_tf.layers import positions
+from meliad_tf.layers import scopes
+from meliad_tf.layers import recurrence
 
 POSITION_TYPES = ("t5", "fourier", "rotary", None)
 ROTARY_WAVELENGTH = 10000
@@ -147,7 +147,7 @@ class TransformerBase(tf.Module):
     shape = x.shape.as_list()
     return tf.reshape(x, shape[:-1] + [self.num_heads, self.head_size])
 
-  @profiling.scoped("kvq")
+  @scopes.scoped("kvq")
   def kvq(self, x, *, training=False, seed=None):
     """Keys, values, queries (and second queries or None) of x [B, N, E], each [B, N, H, d].
 
@@ -229,8 +229,8 @@ class TransformerLayer(tf.Module):
 
   A recurrent layer (`is_recurrent`) also carries a state of S vectors, updated once per
   window by its `recurrence.RecurrentCell`; its tokens cross-attend to the state entering
-  their window (spec §5.3). A layer with `cross_attention` (block feedback) cross-attends
-  to keys and values the stack passes in, those of a recurrent layer's state (spec §5.6).
+  their window. A layer with `cross_attention` (block feedback) cross-attends
+  to keys and values the stack passes in, those of a recurrent layer's state.
   Either way the projection takes [self heads, cross heads], 2 H d wide.
 
   Args (Meliad's gin names):
@@ -460,7 +460,7 @@ class TransformerLayer(tf.Module):
     y = self.tbase.post_attn_ffn(x, attn, cross_attn, training=training, seed=seed)
     return y, new_state
 
-  @profiling.scoped("memory")
+  @scopes.scoped("memory")
   def _memory_attention(self, attn, keys, values, queries, start_of_sequence, state,
                         training, diagnostics, rotary_wavelength=None):
     """Mixes local attention with attention over the memory, then stores this segment.
@@ -498,7 +498,7 @@ class TransformerLayer(tf.Module):
                              attention_queries=attention_queries)
     return mixed, self.memory.write(state, keys, values)
 
-  @profiling.scoped("memory")
+  @scopes.scoped("memory")
   def read_memory(self, attn, queries, state, neighbors=None, diagnostics=None,
                   attention_queries=None):
     """Mixes local attention with attention over each query's K neighbours in memory.
@@ -532,7 +532,7 @@ class TransformerLayer(tf.Module):
     gate = tf.cast(gate, attn.dtype)[:, None]
     return (1.0 - gate) * attn + gate * tf.cast(external, attn.dtype)
 
-  @profiling.scoped("recurrence")
+  @scopes.scoped("recurrence")
   def _recurrence(self, start_of_sequence, state, keys, values, queries2, previous_keys,
                   previous_values, diagnostics):
     """Runs the cell over the windows; returns (token->state attention, final state).

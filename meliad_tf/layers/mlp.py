@@ -3,7 +3,7 @@
 import gin
 import tensorflow as tf
 
-from meliad_tf import initializers
+from meliad_tf.layers import initializers
 
 _ACTIVATIONS = {None: None, "relu": tf.nn.relu, "tanh": tf.tanh, "gelu": tf.nn.gelu,
                 "sigmoid": tf.sigmoid}

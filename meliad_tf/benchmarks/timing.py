@@ -11,8 +11,8 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import gin_setup
-from meliad_tf import trainer as trainer_lib
+from meliad_tf.training import gin_setup
+from meliad_tf.training import trainer as trainer_lib
 
 
 def best_seconds(fn, repeats):

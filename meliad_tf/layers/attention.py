@@ -5,8 +5,8 @@ Shapes use B batch, N sequence, H heads, d head size; `nq`/`nk` are query/key co
 
 import tensorflow as tf
 
-from meliad_tf import positions
-from meliad_tf import profiling
+from meliad_tf.layers import positions
+from meliad_tf.layers import scopes
 
 MASK_VALUE = -1_000_000.0
 SOFTMAX_FLOOR = -1000.0
@@ -122,7 +122,7 @@ def attend_heads_first(queries, keys, values, *, bias=None, scale=None, mask=Non
 
   # The gradient is built where the tape asks for it, outside this scope; it is named as
   # TensorFlow names the gradients it derives, for the profile's categories.
-  backward_scope = f"{profiling.BACKWARD_PREFIX}{tf.get_current_name_scope()}/"
+  backward_scope = f"{scopes.BACKWARD_PREFIX}{tf.get_current_name_scope()}/"
 
   @tf.custom_gradient
   def attend(*inputs):
@@ -201,7 +201,7 @@ def block_length_for(window_length, target=DEFAULT_BLOCK_LENGTH):
               if window_length % length == 0)
 
 
-@profiling.scoped("attention")
+@scopes.scoped("attention")
 def sliding_window_attention(queries, keys, values, previous_keys, previous_values,
                              window_length, *, position_bias=None, scale=None,
                              dropout_multiplier=None, rotary_wavelength=None, block_length=0):
@@ -292,7 +292,7 @@ def band_keys(keys, previous_keys, block_length):
   return tf.concat([blocks[:, j:j + num_blocks] for j in range(shifts)], axis=2)
 
 
-@profiling.scoped("attention")
+@scopes.scoped("attention")
 def causal_attention(queries, keys, values, *, position_bias=None, scale=None,
                      dropout_multiplier=None, rotary_wavelength=None):
   """Attention without an XL cache (window = segment): token i sees tokens 0..i-1 only.

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf import model as model_lib
+from meliad_tf.model import language_model as model_lib
 
 
 class SummaryWriter:

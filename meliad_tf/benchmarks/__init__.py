@@ -1,0 +1,1 @@
+"""Benchmarks: step timing and the profiler's attribution of a step's time to model parts."""

@@ -1,0 +1,1 @@
+"""The bottom floor: what every other floor uses (files on any filesystem)."""

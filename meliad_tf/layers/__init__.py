@@ -1,0 +1,1 @@
+"""Layers: pure functions of (inputs, state) as tf.Modules; they import nothing above."""

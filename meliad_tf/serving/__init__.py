@@ -1,0 +1,1 @@
+"""Serving: the exported SavedModel, evaluation of documents and generation."""

@@ -1,0 +1,1 @@
+"""Training: the step, the loop, distribution, per-stream state, checkpoints and summaries."""
