@@ -12,7 +12,6 @@ from typing import Callable
 import tensorflow as tf
 
 from meliad_tf.model import decoder
-from meliad_tf.serving import generation
 from meliad_tf.model import layer
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
@@ -186,16 +185,28 @@ def _memorizing_model_inputs():
   return batch, _random_state(_memorizing_model().state_spec(BATCH), [9, 10])
 
 
-def _decode_step_inputs():
-  spec = _transformer_layer()().state_spec(BATCH)
-  state = tf.nest.map_structure(
-      lambda s: tf.random.stateless_normal(s.shape, seed=[14, 15], dtype=s.dtype), spec)
+def _decode_inputs(module_factory, positions):
+  """x [B, 1, E], a random decode state shaped as the layer's, positions, and for a memory
+  layer a memory."""
+  module = module_factory()
+  zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), module.state_spec(BATCH))
+  decode_state, memory = module.init_decode_state(zeros, tf.constant([True, False]), LENGTH)
+  decode_state = tf.nest.map_structure(
+      lambda t: tf.random.stateless_normal(t.shape, seed=[14, 15], dtype=t.dtype), decode_state)
   x = tf.random.stateless_normal([BATCH, 1, EMBED], seed=[16, 17])
-  return x, state, tf.constant([3, 40])
+  if memory is None:
+    return x, decode_state, tf.constant(positions)
+  return x, decode_state, tf.constant(positions), _random_state(
+      module.memory.state_spec(BATCH), [18, 19])
 
 
-def _decode_step_call(module, x, state, position):
-  return generation.XLLayerDecoder(module).step(x, state, position)
+def _decode_call(module, x, decode_state, position, memory=None):
+  """A decoding step; for a memory layer also the write of the calls that end with it."""
+  y, new_state = module.decode_step(x, decode_state, position, memory=memory)
+  if memory is None:
+    return y, new_state
+  ended = tf.equal((position + 1) % LENGTH, 0)
+  return y, new_state, module.write_decoded_call(new_state, memory, ended)
 
 
 GOLDENS = [
@@ -226,8 +237,15 @@ GOLDENS = [
     Golden("feedback_layer", _transformer_layer(cross_attention=True), _feedback_layer_inputs,
            _feedback_layer_call),
     Golden("transformer_xl_model", _language_model, _model_inputs, _model_call),
-    Golden("xl_decode_step", _transformer_layer(relative_position_type="t5"),
-           _decode_step_inputs, _decode_step_call),
+    # Stream 1's token ends a block of the recurrent layer and the memory layer's segment.
+    *[Golden(f"{name}_decode_step", factory,
+             functools.partial(_decode_inputs, factory, positions), _decode_call)
+      for name, factory, positions in (
+          ("xl", _transformer_layer(relative_position_type="t5"), [3, 40]),
+          ("rotary_xl", _transformer_layer(relative_position_type="rotary"), [3, 40]),
+          ("recurrent", _recurrent_layer("lstm", False, False), [3, 2 * WINDOW - 1]),
+          ("memory", _memory_layer("bucketed"), [3, 2 * LENGTH - 1]),
+      )],
     *[Golden(name, _block_recurrent_model(feedback),
              functools.partial(_model_inputs, _block_recurrent_model(feedback)), _model_call)
       for name, feedback in (("block_recurrent_model", False),

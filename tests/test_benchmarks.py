@@ -69,3 +69,28 @@ def test_summary_table_of_all_has_the_headline_numbers():
       "1.4x train, 2.1x eval")
   assert "1.05x train (median 1.07x)" in table
   assert "eval" in table and "failed: ValueError: no" in table
+
+
+@pytest.mark.slow
+def test_eval_benchmark_times_generation_of_every_family():
+  result = subprocess.run(
+      [sys.executable, "-m", "meliad_tools.bench_eval", "--configs=tiny_test",
+       "--families=xl,memory_exact,recurrent,block_feedback", "--generate_tokens=3",
+       "--repeats=1", "--eval_segments=1", "--noxla"],
+      capture_output=True, text=True, timeout=900, check=True)
+  report = json.loads(result.stdout[result.stdout.index("{"):])
+  (tiny,) = report["results"]
+  generation = tiny["generation"]
+  assert generation["generated_tokens_per_stream"] == 3
+  for family in ("xl", "memory_exact", "recurrent", "block_feedback"):
+    assert generation[family]["in_process_tokens_per_second"] > 0
+  assert generation["xl"]["in_process_over_xl"] == 1.0
+  assert tiny["evaluation"]["saved_model_tokens_per_second"] > 0
+
+
+def test_eval_benchmark_refuses_an_unknown_family():
+  result = subprocess.run(
+      [sys.executable, "-m", "meliad_tools.bench_eval", "--families=xl,lstm"],
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  assert "--families: unknown lstm" in result.stderr

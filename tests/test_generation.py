@@ -1,5 +1,6 @@
-"""Incremental decoding: decode steps reproduce the forward pass, greedy
-generation is the argmax of `score` on the fed-back text, sampling, and bad arguments."""
+"""Incremental decoding: one-token steps reproduce the segment re-run for every family,
+greedy generation is the argmax and sampling the seeded draw of the forward pass over the
+fed-back text, and bad arguments."""
 
 import gin
 import numpy as np
@@ -13,7 +14,6 @@ import pipelines
 import tiny_run
 from meliad_tf.serving import export
 from meliad_tf.serving import generation
-from meliad_tf.model import layer as layer_lib
 from meliad_tf.model import language_model as model_lib
 from meliad_tools import generate as generate_tool
 
@@ -43,25 +43,91 @@ POSITIONS = {
 }
 
 
-@pytest.mark.parametrize("position_type", sorted(POSITIONS))
-def test_decode_steps_give_the_forward_pass_logits(position_type):
-  model = random_model(*POSITIONS[position_type])
-  batch, length, num_segments = 2, 16, 3
-  tokens = tf.random.stateless_uniform([batch, num_segments * length], [4, 5], 1, V, tf.int32)
-  state = model.initial_state(batch)
-  forward = []
-  for s in range(num_segments):
-    logits, state = model.decoder(tokens[:, s * length:(s + 1) * length],
-                                  tf.fill([batch], s == 0), state)
-    forward.append(logits)
-  forward = tf.concat(forward, axis=1).numpy()
+# Every family, in small (segments of 16 tokens; `random_model` sets windows of 8 unless
+# overridden).
+FAMILIES = {
+    **{f"transformer_xl_{name}": params for name, params in POSITIONS.items()},
+    # The memory holds two segments (N = 32): four segments wrap its ring buffer.
+    "memorizing": tiny_run.MEMORIZING,
+    "memorizing_exact": tiny_run.MEMORIZING + ["memory_on_tpu_factory.backend = 'exact'"],
+    "memorizing_scann": tiny_run.MEMORIZING + ["memory_on_tpu_factory.backend = 'scann'"],
+    # Windows shorter than the segment: the memory is read and written once per segment
+    # nonetheless, and the attention over the neighbours rotates each query by its position
+    # in its window.
+    "memorizing_rotary_windows": tiny_run.MEMORIZING + [
+        "TransformerLayer.window_length = 8",
+        "TransformerLayer.relative_position_type = 'rotary'"],
+    # The stack runs on chunks of 8: the memory is read and written once per chunk.
+    "memorizing_chunks": tiny_run.MEMORIZING + ["TransformerLayer.window_length = 8",
+                                                "DecoderStack.dstack_window_length = 8"],
+    # recurrent/bias_skip.gin with both layers recurrent and blocks of 4: 4 blocks a segment.
+    "recurrent_bias_skip": ["TransformerLayer.window_length = 4",
+                            "DecoderStack.recurrent_layer_indices = (0, 1)",
+                            "TransformerLayer.recurrent_num_states = 4",
+                            "TransformerLayer.recurrent_gate_type = 'bias'",
+                            "TransformerLayer.recurrent_skip_ffn = True",
+                            "DecoderStack.feedback_recurrence = False"],
+    "recurrent_lstm_dual": ["DecoderStack.recurrent_layer_indices = (-1,)",
+                            "TransformerLayer.recurrent_num_states = 4",
+                            "TransformerLayer.recurrent_gate_type = 'lstm'",
+                            "DecoderStack.feedback_recurrence = False"],
+    "recurrent_lstm_single": ["DecoderStack.recurrent_layer_indices = (0,)",
+                              "TransformerLayer.recurrent_num_states = 4",
+                              "TransformerLayer.recurrent_gate_type = 'lstm'",
+                              "TransformerLayer.recurrent_single_gate = True",
+                              "DecoderStack.feedback_recurrence = False"],
+    # recurrent/block_feedback_512.gin in small: the stack runs on chunks of 8, and layer 0
+    # cross-attends to the state of the recurrent layer 1.
+    "block_feedback": ["TransformerLayer.window_length = 8",
+                       "DecoderStack.dstack_window_length = 8",
+                       "DecoderStack.recurrent_layer_indices = (-1,)",
+                       "TransformerLayer.recurrent_num_states = 4",
+                       "DecoderStack.feedback_recurrence = True"],
+    # Two blocks per chunk: the fed-back state is the one entering the chunk, not the block.
+    "block_feedback_two_blocks_per_chunk": [
+        "TransformerLayer.window_length = 4", "DecoderStack.dstack_window_length = 8",
+        "DecoderStack.recurrent_layer_indices = (-1,)",
+        "TransformerLayer.recurrent_num_states = 4", "DecoderStack.feedback_recurrence = True"],
+}
+SEGMENT = 16
 
+
+def rerun_logits(model, text):
+  """The segment re-run, the reference of one-token decoding: the logits [B, n, V] at every
+  position t of `text` [B, n] are those of the ordinary forward pass over the segment
+  holding t, on its tokens up to t (zeros after them), from the state the forward passes
+  over the whole previous segments left."""
+  forward = tf.function(lambda tokens, start, state: model.decoder(tokens, start, state))
+  batch, length = text.shape
+  state = model.initial_state(batch)
+  rows = []
+  for s in range(-(-length // SEGMENT)):
+    start = tf.fill([batch], s == 0)
+    segment = text[:, s * SEGMENT:(s + 1) * SEGMENT]
+    for p in range(segment.shape[1]):
+      tokens = np.zeros([batch, SEGMENT], np.int32)
+      tokens[:, :p + 1] = segment[:, :p + 1]
+      rows.append(forward(tf.constant(tokens), start, state)[0].numpy()[:, p])
+    tokens = np.zeros([batch, SEGMENT], np.int32)
+    tokens[:, :segment.shape[1]] = segment
+    _, state = forward(tf.constant(tokens), start, state)
+  return np.stack(rows, axis=1)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_one_token_decoding_equals_the_segment_rerun(name):
+  """Four segments: blocks end, chunks end, and the memory is written four times (wrapping
+  its ring buffer of two segments), all while decoding."""
+  model = random_model(*FAMILIES[name])
+  batch, length = 2, 4 * SEGMENT
+  text = tf.random.stateless_uniform([batch, length], [4, 5], 1, V, tf.int32).numpy()
+  expected = rerun_logits(model, text)
   decoder = generation.IncrementalDecoder(model)
   decode_state = decoder.init_state(model.initial_state(batch), tf.fill([batch], True))
   step = tf.function(decoder.step)
-  for t in range(num_segments * length):
-    logits, decode_state = step(tokens[:, t], tf.fill([batch], t), decode_state)
-    np.testing.assert_allclose(logits.numpy(), forward[:, t], rtol=1e-4, atol=1e-5,
+  for t in range(length):
+    logits, decode_state = step(tf.constant(text[:, t]), tf.fill([batch], t), decode_state)
+    np.testing.assert_allclose(logits.numpy(), expected[:, t], rtol=1e-4, atol=1e-5,
                                err_msg=f"position {t}")
 
 
@@ -220,23 +286,6 @@ def test_a_model_without_the_xl_cache_exports_without_generate(tmp_path):
       generate_tool.main(["meliad-generate"])
 
 
-class _LayerWithMoreState(layer_lib.TransformerLayer):
-  """Stands for a memory or recurrent layer: state beyond the XL cache."""
-
-  def state_spec(self, batch_size):
-    return dict(super().state_spec(batch_size),
-                memory=tf.TensorSpec([batch_size * 2, 4], tf.float32))
-
-
-def test_layers_without_a_decode_step_are_named():
-  layer = _LayerWithMoreState(embedding_size=16, num_heads=2, head_size=8, window_length=8,
-                              name="layer_3")
-  with pytest.raises(generation.GenerationNotSupportedError,
-                     match=r"layer_3: no decode step for a layer carrying state "
-                           r"\['keys', 'memory', 'values'\]"):
-    generation.layer_decoder(layer)
-
-
 def test_where_streams_selects_each_streams_rows():
   streams = tf.constant([True, False])
   new = {"cache": tf.ones([2, 3]), "memory": tf.ones([4, 5])}  # memory: 2 rows per stream
@@ -248,27 +297,9 @@ def test_where_streams_selects_each_streams_rows():
     generation.where_streams(streams, tf.ones([3]), tf.zeros([3]))
 
 
-# Families without a one-token decode step, generated by re-running the current segment
-# (segments of 16 tokens; `random_model` sets windows of 8 unless overridden).
-SEGMENT_FAMILIES = {
-    # The memory holds two segments (N = 32): generating wraps its ring buffer.
-    "memorizing": tiny_run.MEMORIZING,
-    # recurrent/bias_skip.gin with both layers recurrent and blocks of 4: 4 blocks a segment.
-    "recurrent_bias_skip": ["TransformerLayer.window_length = 4",
-                            "DecoderStack.recurrent_layer_indices = (0, 1)",
-                            "TransformerLayer.recurrent_num_states = 4",
-                            "TransformerLayer.recurrent_gate_type = 'bias'",
-                            "TransformerLayer.recurrent_skip_ffn = True",
-                            "DecoderStack.feedback_recurrence = False"],
-    # recurrent/block_feedback_512.gin in small: the stack runs on chunks of 8, and layer 0
-    # cross-attends to the state of the recurrent layer 1.
-    "block_feedback": ["TransformerLayer.window_length = 8",
-                       "DecoderStack.dstack_window_length = 8",
-                       "DecoderStack.recurrent_layer_indices = (-1,)",
-                       "TransformerLayer.recurrent_num_states = 4",
-                       "DecoderStack.feedback_recurrence = True"],
-}
-SEGMENT = 16
+# Families generated below (besides the trained Transformer-XL model of tiny_run).
+GENERATED_FAMILIES = ("memorizing", "memorizing_exact", "memorizing_scann",
+                      "recurrent_bias_skip", "recurrent_lstm_dual", "block_feedback")
 # Stream 0's prompt is longer than a segment, stream 1's is not; 40 tokens cross two or three
 # segment boundaries, and many block boundaries.
 PROMPTS = [list(range(30, 51)), [60, 61, 62, 63, 64]]
@@ -296,14 +327,14 @@ def forward_logits(model, text, memory_frozen_from=None):
   return np.concatenate(logits)[:len(text)]
 
 
-def segment_family_module(name):
-  return export.ScoringModule(random_model(*SEGMENT_FAMILIES[name]), 2,
-                              pipelines.RawByteVocabulary())
+def family_module(name, jit_compile=False):
+  return export.ScoringModule(random_model(*FAMILIES[name]), 2, pipelines.RawByteVocabulary(),
+                              jit_compile=jit_compile)
 
 
-@pytest.mark.parametrize("name", sorted(SEGMENT_FAMILIES))
-def test_greedy_generation_is_the_argmax_of_the_forward_pass_for_segment_families(name):
-  module = segment_family_module(name)
+@pytest.mark.parametrize("name", GENERATED_FAMILIES)
+def test_greedy_generation_is_the_argmax_of_the_forward_pass_for_every_family(name):
+  module = family_module(name)
   # write_memory: the forward pass over the whole text writes every segment to the memory.
   generated = greedy(module, PROMPTS, NUM_GENERATED, write_memory=tf.constant(True))
   for prompt, tokens in zip(PROMPTS, generated):
@@ -313,32 +344,70 @@ def test_greedy_generation_is_the_argmax_of_the_forward_pass_for_segment_familie
     np.testing.assert_array_equal(tokens, np.argmax(logits[positions], axis=-1))
 
 
+def assert_seeded_draws(generated, logits, seed):
+  """Asserts that `generated` [B, n], continuing PROMPTS, holds the draws (temperature 1) of
+  `logits` (per stream, [len(prompt) + n, V] of the forward pass over its prompt and
+  tokens), seeded as `generation.generate` seeds them: its decode step t feeds stream b the
+  token at position start_b + t (start_b: after the prompt's whole segments) and draws with
+  the seed fold_in(seed, t), all streams at once."""
+  starts = [(len(p) - 1) // SEGMENT * SEGMENT for p in PROMPTS]
+  remaining = [len(p) - start for p, start in zip(PROMPTS, starts)]
+  num_generated = generated.shape[1]
+  for t in range(max(remaining) + num_generated - 1):
+    rows = np.stack([stream_logits[start + t] if start + t < len(stream_logits)
+                     else np.zeros_like(stream_logits[0])
+                     for stream_logits, start in zip(logits, starts)])
+    draw = generation.sample_next(
+        tf.constant(rows), tf.constant(1.0), tf.constant(0),
+        tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), t)).numpy()
+    for b, left in enumerate(remaining):
+      index = t - left + 1  # the token generated after this step, if any
+      if 0 <= index < num_generated:
+        assert generated[b, index] == draw[b], f"stream {b}, token {index}"
+
+
+@pytest.mark.parametrize("name", GENERATED_FAMILIES)
+def test_sampling_draws_from_the_forward_pass_for_every_family(name):
+  module = family_module(name)
+  seed = 7
+  generated = generate(module, PROMPTS, NUM_GENERATED, temperature=1.0, seed=seed,
+                       write_memory=tf.constant(True))
+  assert_seeded_draws(generated, [forward_logits(module.model, prompt + list(tokens))
+                                  for prompt, tokens in zip(PROMPTS, generated)], seed)
+
+
+@pytest.mark.parametrize("name", ["memorizing", "recurrent_lstm_dual", "block_feedback"])
+def test_xla_generation_equals_graph_generation_for_every_family(name):
+  model = random_model(*FAMILIES[name])
+  graph, xla = (export.ScoringModule(model, 2, pipelines.RawByteVocabulary(), jit_compile=jit)
+                for jit in (False, True))
+  for temperature in (0.0, 1.0):
+    options = dict(temperature=temperature, seed=3, write_memory=tf.constant(True))
+    np.testing.assert_array_equal(generate(xla, PROMPTS, NUM_GENERATED, **options),
+                                  generate(graph, PROMPTS, NUM_GENERATED, **options))
+
+
 def test_write_memory_writes_the_generated_segments_and_only_then():
   """Sampled tokens are the draws of the forward pass's logits: with write_memory, over the
   whole text; without, with the memory frozen after the prompt's whole segments. (Greedy
   decoding of this untrained model repeats a token whatever the memory holds.)"""
-  module = segment_family_module("memorizing")
+  module = family_module("memorizing")
   seed = 7
   written, frozen = (generate(module, PROMPTS, NUM_GENERATED, temperature=1.0, seed=seed,
                               write_memory=tf.constant(write)) for write in (True, False))
   for tokens, memory_frozen in ((written, False), (frozen, True)):
-    logits = [forward_logits(module.model, prompt + list(stream_tokens),
-                             (len(prompt) - 1) // SEGMENT if memory_frozen else None)
-              for prompt, stream_tokens in zip(PROMPTS, tokens)]
-    for t in range(NUM_GENERATED):
-      rows = np.stack([logits[b][len(p) - 1 + t] for b, p in enumerate(PROMPTS)])
-      draw = generation.sample_next(
-          tf.constant(rows), tf.constant(1.0), tf.constant(0),
-          tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), t))
-      np.testing.assert_array_equal(tokens[:, t], draw.numpy(), err_msg=f"token {t}")
-  # Both streams' first generated segment completes with the token drawn at t = 11 (index
-  # 32 for stream 0, 16 for stream 1); the tokens after it read what was written.
+    assert_seeded_draws(tokens, [
+        forward_logits(module.model, prompt + list(stream_tokens),
+                       (len(prompt) - 1) // SEGMENT if memory_frozen else None)
+        for prompt, stream_tokens in zip(PROMPTS, tokens)], seed)
+  # Both streams' first generated segment completes with their 12th token (index 32 for
+  # stream 0, 16 for stream 1); the tokens after it read what was written.
   np.testing.assert_array_equal(written[:, :12], frozen[:, :12])
   assert all(not np.array_equal(w[12:], f[12:]) for w, f in zip(written, frozen))
 
 
 def test_generation_of_a_memory_model_leaves_the_scoring_state_alone():
-  module = segment_family_module("memorizing")
+  module = family_module("memorizing")
   tokens = tf.constant(np.arange(1, 2 * SEGMENT + 1, dtype=np.int32).reshape(2, SEGMENT))
   module.score(tokens, tf.constant([True, True]))
   before = tf.nest.map_structure(lambda v: v.numpy(), module.state)
@@ -348,7 +417,7 @@ def test_generation_of_a_memory_model_leaves_the_scoring_state_alone():
 
 
 def test_xla_cannot_generate_with_a_memory_searched_on_the_host():
-  model = random_model(*SEGMENT_FAMILIES["memorizing"], "memory_on_tpu_factory.backend = 'scann'")
+  model = random_model(*FAMILIES["memorizing_scann"])
   with pytest.raises(ValueError, match="layer_1 search their memory on the host.*jit_compile"):
     generation.generate(model, tf.ones([2, 3], tf.int32), tf.constant([3, 3]), 2, 0.0, 0,
                         [0, 0], jit_compile=True)
@@ -383,8 +452,7 @@ def test_meliad_generate_takes_the_prompt_from_a_document(capsys):
 
 def test_meliad_generate_writes_to_the_memory_of_a_memory_run(tmp_path, capsys):
   # A run's directory as meliad-train leaves it: config.gin and a checkpoint.
-  tiny_run.configure("TransformerTaskConfig.sequence_length = 16",
-                     *SEGMENT_FAMILIES["memorizing"])
+  tiny_run.configure("TransformerTaskConfig.sequence_length = 16", *FAMILIES["memorizing"])
   tf.random.set_seed(5)
   model = model_lib.DecoderOnlyLanguageModel(output_token_losses=True)
   (tmp_path / "config.gin").write_text(gin.config_str())

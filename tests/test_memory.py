@@ -282,6 +282,23 @@ def test_decoding_one_token_reads_the_memory_as_the_segment_does():
   np.testing.assert_array_equal(appended["keys"].numpy()[:, :, L], queries.numpy()[:, 0])
 
 
+def test_a_write_to_chosen_streams_leaves_the_others_alone():
+  memory = make_memory()
+  rng = np.random.default_rng(13)
+  state = random_state(rng, memory, 2, [60, 8])  # stream 0 wraps around the ring buffer
+  keys = tf.constant(normalised(rng, (2, 8, 2, 4)))
+  values = tf.constant(rng.standard_normal((2, 8, 2, 4)).astype(np.float32))
+  written = memory.write(state, keys, values, streams=tf.constant([True, False]))
+  expected_keys, expected_values = state["keys"].numpy(), state["values"].numpy()
+  for i in range(8):
+    slot = (60 + i) % 64
+    expected_keys[0, :, slot] = keys.numpy()[0, i]
+    expected_values[0, :, slot] = values.numpy()[0, i]
+  np.testing.assert_array_equal(written["keys"].numpy(), expected_keys)
+  np.testing.assert_array_equal(written["values"].numpy(), expected_values)
+  np.testing.assert_array_equal(written["index"].numpy(), [68, 8])
+
+
 def numpy_layer(layer, x, start, state):
   """The memory layer in numpy loops, from its parameters: returns (y, new state)."""
   base = layer.tbase

@@ -8,11 +8,12 @@
 
 The prompt is text (--prompt), a file (--prompt_file), or the first --prompt_tokens
 tokens of a document of a source (--prompt_source, a task or source name as meliad-eval
-takes). Its whole segments go through the model's ordinary forward pass; for a
-Transformer-XL model the rest is fed token by token, each token attending to exactly the W
-previous ones, and memory and recurrent models re-run the current segment for
-every token (see meliad_tf.generation). A memory model retrieves from the memory the
-prompt's segments built; with --write_memory it also writes the segments it generates.
+takes). Its whole segments go through the model's ordinary forward pass, the rest and the
+continuation through the model's one-token decode step, for every family: each token
+attends to exactly the W previous ones, a recurrent state moves on at every block boundary,
+and a memory is read as the forward pass reads it (see meliad_tf.serving.generation). A
+memory model retrieves from the memory the prompt's segments built; with --write_memory it
+also writes the segments it generates.
 Decoding is greedy, or sampling with a temperature and optionally top-k, seeded.
 """
 

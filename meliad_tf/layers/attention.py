@@ -228,7 +228,8 @@ def sliding_window_attention(queries, keys, values, previous_keys, previous_valu
     scale: optional [H].
     dropout_multiplier: optional [H, W, 2W], shared by all windows and batch elements.
     rotary_wavelength: if set, RoPE is applied to the window's keys and queries.
-    block_length: 0, or queries per block (a divisor of W).
+    block_length: 0, or queries per block (a divisor of W). A decoding step passes one
+      token (N = 1) in a block of 1: it attends to the W cached tokens before it.
   Returns:
     [B, N, H, d].
   """
@@ -286,8 +287,12 @@ def band_keys(keys, previous_keys, block_length):
     (negative positions are in the cache).
   """
   window_length = previous_keys.shape[1]
-  blocks = split_windows(tf.concat([previous_keys, keys], axis=1), block_length)
   num_blocks = keys.shape[1] // block_length
+  if num_blocks == 1:
+    # One block (a decoding step's single token): its band is the whole sequence, taken in
+    # one op rather than as W / b + 1 slices of it.
+    return tf.concat([previous_keys, keys], axis=1)[:, None]
+  blocks = split_windows(tf.concat([previous_keys, keys], axis=1), block_length)
   shifts = window_length // block_length + 1
   return tf.concat([blocks[:, j:j + num_blocks] for j in range(shifts)], axis=2)
 

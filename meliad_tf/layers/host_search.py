@@ -13,10 +13,12 @@ TensorFlow graph whose ops on either side of the call XLA compiles in clusters
 (`trainer.xla_around_host_calls`; plain graph ops with `Trainer.jit_compile = False`); in
 exchange there is no extra forward pass to compute the queries before the step. Each
 call, per stream: check that the indices hold what the device memory holds, comparing
-the rows this host wrote last (a document start, which zeroes the device memory, a
-restored checkpoint or the first step all fail the check, and the indices are rebuilt
-from the device keys); search the segment's queries; upsert the segment's keys at their
-slots (a ScaNN upsert of an existing id replaces the entry the ring buffer overwrites).
+the write counter and the rows this host wrote last (a document start, which zeroes the
+device memory, a restored checkpoint or the first step all fail the check, and the indices
+are rebuilt from the device keys); search the segment's queries; upsert the segment's keys
+at their slots (a ScaNN upsert of an existing id replaces the entry the ring buffer
+overwrites). A decoder searches one token's queries at a time (`lookup`) and indexes a
+segment when it writes it (`write`).
 
 An index starts as a brute-force ScaNN index, which accepts any number of entries. The
 first time it holds N entries it is rebuilt as a tree (`num_leaves` partitions, searching
@@ -42,6 +44,8 @@ TRAINING_SAMPLE_SIZE = 16384
 SEARCH_BATCH = 64
 # Below this many entries per (stream, head) a tree costs more than it saves.
 MIN_TREE_SIZE = 8192
+# Newest entries compared to tell whether a rebuilt index still holds the device memory.
+SYNC_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +153,9 @@ class HostSearch:
     self.num_neighbors = num_neighbors
     self.options = options
     self._indices = {}  # (mode, replica) -> [B][H] ScannIndex
-    self._last_write = {}  # (mode, replica) -> [B] (slots, keys [H, L, d]) written last
+    # (mode, replica) -> per stream, (counter after, slots, keys [H, n, d]) of the last
+    # write its indices hold.
+    self._last_write = {}
 
   def __call__(self, owner, queries, keys, index, memory_keys):
     """Searches the segment's queries, then indexes the segment's keys.
@@ -162,36 +168,80 @@ class HostSearch:
     Returns:
       int32 [B, H, L, K]: the neighbours' slots, MISSING where fewer than K exist.
     """
-    batch_size, length, num_heads, _ = queries.shape
-    num_neighbors = self.num_neighbors
-    if owner not in self._indices:
-      self._indices[owner] = [[ScannIndex(self.database_size, self.key_size, num_neighbors,
-                                          self.options) for _ in range(num_heads)]
-                              for _ in range(batch_size)]
-      self._last_write[owner] = [None] * batch_size
-    indices, last_write = self._indices[owner], self._last_write[owner]
-    slots = np.empty((batch_size, num_heads, length, num_neighbors), np.int32)
-    for b in range(batch_size):
-      start = int(index[b]) % self.database_size
-      if not self._in_sync(last_write[b], memory_keys[b]):
-        self._reload(indices[b], memory_keys[b])
-      write_slots = np.arange(start, start + length)
-      for h in range(num_heads):
-        slots[b, h] = indices[b][h].search(queries[b, :, h])
-        indices[b][h].upsert(write_slots, keys[b, :, h])
-        if indices[b][h].wants_tree:
-          full = memory_keys[b, h].copy()
-          full[write_slots] = keys[b, :, h]
-          indices[b][h].train(full)
-      last_write[b] = (write_slots, np.transpose(keys[b], [1, 0, 2]).copy())
+    self._make_indices(owner, queries.shape[0], queries.shape[2])
+    slots = self._search(owner, queries, index, memory_keys)
+    for b in range(queries.shape[0]):
+      self._write(owner, b, keys[b], index[b], memory_keys[b])
     return slots
 
-  def _in_sync(self, last_write, memory_keys):
-    """Whether the device memory still ends with what this host indexed last."""
+  def lookup(self, owner, queries, index, memory_keys):
+    """Searches a decoding step's queries [B, n, H, d]; indexes nothing (see `write`).
+
+    Returns:
+      int32 [B, H, n, K], as `__call__`.
+    """
+    self._make_indices(owner, queries.shape[0], queries.shape[2])
+    return self._search(owner, queries, index, memory_keys)
+
+  def write(self, owner, keys, index, memory_keys, streams):
+    """Indexes the keys [B, n, H, d] that a decoder writes to the memories of `streams`
+    (bool [B]) at their counters `index`; `memory_keys` [B, H, N, d] is the device memory
+    before the write."""
+    self._make_indices(owner, keys.shape[0], keys.shape[2])
+    for b in np.flatnonzero(streams):
+      self._sync(owner, b, index[b], memory_keys[b])
+      self._write(owner, b, keys[b], index[b], memory_keys[b])
+
+  def _make_indices(self, owner, batch_size, num_heads):
+    if owner not in self._indices:
+      self._indices[owner] = [[ScannIndex(self.database_size, self.key_size,
+                                          self.num_neighbors, self.options)
+                               for _ in range(num_heads)] for _ in range(batch_size)]
+      self._last_write[owner] = [None] * batch_size
+
+  def _search(self, owner, queries, index, memory_keys):
+    batch_size, length, num_heads, _ = queries.shape
+    slots = np.empty((batch_size, num_heads, length, self.num_neighbors), np.int32)
+    for b in range(batch_size):
+      self._sync(owner, b, index[b], memory_keys[b])
+      for h in range(num_heads):
+        slots[b, h] = self._indices[owner][b][h].search(queries[b, :, h])
+    return slots
+
+  def _sync(self, owner, b, index, memory_keys):
+    """Rebuilds stream b's indices from the device memory [H, N, d] unless they hold it."""
+    last_write = self._last_write[owner]
+    if self._in_sync(last_write[b], index, memory_keys):
+      return
+    self._reload(self._indices[owner][b], memory_keys)
+    # The newest entries stand for the last write, so that the next call finds the indices
+    # in sync without comparing the whole memory.
+    count = min(int(index), self.database_size, SYNC_ROWS)
+    slots = np.arange(int(index) - count, int(index)) % self.database_size
+    last_write[b] = (int(index), slots, memory_keys[:, slots].copy())
+
+  def _write(self, owner, b, keys, index, memory_keys):
+    """Upserts stream b's keys [n, H, d] at the slots from `index` (after a `_sync`)."""
+    stream_indices = self._indices[owner][b]
+    length = keys.shape[0]
+    start = int(index) % self.database_size
+    write_slots = np.arange(start, start + length)
+    for h, head_index in enumerate(stream_indices):
+      head_index.upsert(write_slots, keys[:, h])
+      if head_index.wants_tree:
+        full = memory_keys[h].copy()
+        full[write_slots] = keys[:, h]
+        head_index.train(full)
+    self._last_write[owner][b] = (int(index) + length, write_slots,
+                                  np.transpose(keys, [1, 0, 2]).copy())
+
+  def _in_sync(self, last_write, index, memory_keys):
+    """Whether the device memory is the one this host indexed last: its counter is where
+    the last write left it, and the slots written then still hold those keys."""
     if last_write is None:
       return False
-    write_slots, keys = last_write
-    return np.array_equal(memory_keys[:, write_slots], keys)
+    written_index, write_slots, keys = last_write
+    return written_index == int(index) and np.array_equal(memory_keys[:, write_slots], keys)
 
   def _reload(self, stream_indices, memory_keys):
     """Indexes the device memory of one stream [H, N, d] (its non-empty slots)."""

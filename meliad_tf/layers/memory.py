@@ -26,11 +26,14 @@ Backends (`memory_on_tpu_factory.backend`):
   scann         a ScaNN index per (stream, head) on the host, searched by a host call
                 inside a graph-mode (not XLA) step; see `host_search.py`.
 
-For decoding, `retrieve` takes any number of queries and `write` appends any number of
-entries (one generated token at a time, say), with the on-device backends.
+Decoding one token at a time reads the memory as the segment step does (`search` and
+`attend` take any number of queries; `host_lookup` for scann) and writes a segment once it
+is complete (`write` with `streams`, `host_write` for scann), so that a generated text
+meets the memory its forward pass would.
 """
 
 import gin
+import numpy as np
 import tensorflow as tf
 
 from meliad_tf.layers import host_search
@@ -190,7 +193,9 @@ class ExternalMemory:
     The database is scored `search_chunk_size` slots at a time, keeping the best K so
     far: the same result as scoring it whole, without a [B, H, n, N] score tensor (4 GiB
     for small_test at N = 128k) and about twice as fast on CPU, where the scores of a
-    chunk stay in cache.
+    chunk stay in cache. A single query (a decoding step's) scores it whole: its scores are
+    no larger than a segment's for one chunk, and the loop's steps would cost more than
+    the scoring (twice as much for tiny_test's one token against 8k entries).
 
     Args:
       state: the memory state.
@@ -206,7 +211,7 @@ class ExternalMemory:
     queries = tf.transpose(tf.cast(tf.stop_gradient(queries), keys.dtype),
                            [0, 2, 1, 3])  # [B, H, n, d]
     batch_size, num_heads, num_queries, key_size = queries.shape.as_list()
-    chunk = self._chunk_size(num_neighbors)
+    chunk = self._chunk_size(num_neighbors, num_queries)
     best_shape = [batch_size, num_heads, num_queries, num_neighbors]
 
     def chunk_scores(start):
@@ -257,29 +262,68 @@ class ExternalMemory:
     Returns:
       int32 [B, H, n, K] slots, host_search.MISSING where fewer than K entries exist.
     """
-    if self._host_search is None:
-      self._host_search = host_search.HostSearch(self.database_size, self.key_size,
-                                                 num_neighbors, self.scann_options)
-    context = tf.distribute.get_replica_context()
-    replica = context.replica_id_in_sync_group if context is not None else 0
+    searcher = self._host_search_of(num_neighbors)
 
     def search(replica, queries, keys, index, memory_keys):
-      return self._host_search((mode, int(replica)), queries, keys, index, memory_keys)
+      return searcher((mode, int(replica)), queries, keys, index, memory_keys)
 
     as_float = lambda x: tf.cast(tf.stop_gradient(x), tf.float32)
     slots = tf.numpy_function(
-        search, [tf.convert_to_tensor(replica), as_float(queries), as_float(keys),
+        search, [self._replica(), as_float(queries), as_float(keys),
                  state["index"], as_float(state["keys"])],
         tf.int32, stateful=True, name="scann_search")
     batch_size, length, num_heads, _ = queries.shape.as_list()
     return tf.ensure_shape(slots, [batch_size, num_heads, length, num_neighbors])
 
-  def _chunk_size(self, num_neighbors):
+  def _host_search_of(self, num_neighbors):
+    if self._host_search is None:
+      self._host_search = host_search.HostSearch(self.database_size, self.key_size,
+                                                 num_neighbors, self.scann_options)
+    return self._host_search
+
+  @staticmethod
+  def _replica():
+    context = tf.distribute.get_replica_context()
+    return tf.convert_to_tensor(context.replica_id_in_sync_group if context is not None else 0)
+
+  @scopes.scoped("search")
+  def host_lookup(self, state, queries, num_neighbors, mode):
+    """`host_search` without indexing anything: the K neighbours of a decoding step's
+    queries [B, n, H, d] (scann backend). Returns int32 [B, H, n, K] slots."""
+    searcher = self._host_search_of(num_neighbors)
+
+    def lookup(replica, queries, index, memory_keys):
+      return searcher.lookup((mode, int(replica)), queries, index, memory_keys)
+
+    as_float = lambda x: tf.cast(tf.stop_gradient(x), tf.float32)
+    slots = tf.numpy_function(
+        lookup, [self._replica(), as_float(queries), state["index"], as_float(state["keys"])],
+        tf.int32, stateful=True, name="scann_lookup")
+    batch_size, length, num_heads, _ = queries.shape.as_list()
+    return tf.ensure_shape(slots, [batch_size, num_heads, length, num_neighbors])
+
+  def host_write(self, state, keys, num_neighbors, mode, streams):
+    """Indexes `keys` [B, n, H, d] on the host where `write(state, keys, ..., streams)`
+    puts them on the device (scann backend), so that the indices stay in step with the
+    memory. Returns an op to run before the next `host_lookup`."""
+    searcher = self._host_search_of(num_neighbors)
+
+    def write(replica, keys, index, memory_keys, streams):
+      searcher.write((mode, int(replica)), keys, index, memory_keys, streams)
+      return np.int32(0)
+
+    as_float = lambda x: tf.cast(tf.stop_gradient(x), tf.float32)
+    return tf.numpy_function(
+        write, [self._replica(), as_float(keys), state["index"], as_float(state["keys"]),
+                streams], tf.int32, stateful=True, name="scann_write")
+
+  def _chunk_size(self, num_neighbors, num_queries):
     """Slots scored at a time: `search_chunk_size` when it divides N into chunks that
-    hold whole buckets (a multiple of K), otherwise the whole database."""
+    hold whole buckets (a multiple of K), otherwise the whole database; the whole database
+    too for a single query."""
     chunk = self.search_chunk_size
     if (chunk <= 0 or chunk >= self.database_size or self.database_size % chunk
-        or chunk % num_neighbors):
+        or chunk % num_neighbors or num_queries == 1):
       return self.database_size
     return chunk
 
@@ -347,12 +391,14 @@ class ExternalMemory:
     return tf.transpose(weighted, [0, 2, 1, 3])
 
   @scopes.scoped("write")
-  def write(self, state, keys, values):
+  def write(self, state, keys, values, streams=None):
     """Appends n entries per stream at slots (index + i) mod N and advances the index.
 
     Args:
       state: the memory state.
       keys, values: [B, n, H, d] (normalised keys; values as computed).
+      streams: optional bool [B]; only these streams are written, the others keep their
+        memory and counter (a decoder writes each stream's segment when it completes).
     Returns:
       The new state. The writes are constant to the gradient.
     """
@@ -368,10 +414,15 @@ class ExternalMemory:
     def scatter(database, rows):
       rows = tf.transpose(tf.cast(tf.stop_gradient(rows), database.dtype),
                           [0, 2, 1, 3])  # [B, H, n, d]
+      if streams is not None:
+        # Streams left alone write back the rows they hold: no pass over whole databases.
+        rows = tf.where(streams[:, None, None, None], rows,
+                        tf.gather_nd(database, positions))
       return tf.tensor_scatter_nd_update(database, positions, rows)
 
+    advance = length if streams is None else tf.where(streams, length, 0)
     return {"keys": scatter(state["keys"], keys), "values": scatter(state["values"], values),
-            "index": state["index"] + length}
+            "index": state["index"] + advance}
 
 
 def empty_slots(keys):

@@ -130,20 +130,43 @@ class RelativeFourierPositions(tf.Module):
             + tf.einsum("hqm,km->hqk", rotated_sin, k_sin))
 
 
+def _rotary_table(positions, head_size, max_wavelength, dtype):
+  """(cos, sin) [N, 1, d/2] of the rotary angles pi * pos / max_wavelength^(m / (d/2))."""
+  half = head_size // 2
+  wavelengths = np.power(float(max_wavelength), np.arange(half, dtype=np.float64) / half)
+  angles = math.pi * np.asarray(positions, np.float64)[:, None] / wavelengths[None, :]
+  return (tf.constant(np.cos(angles)[:, None, :], dtype),
+          tf.constant(np.sin(angles)[:, None, :], dtype))
+
+
+def _rotate(x, cos, sin):
+  half = x.shape[-1] // 2
+  first, second = x[..., :half], x[..., half:]
+  return tf.concat([first * cos - second * sin, first * sin + second * cos], axis=-1)
+
+
 def rotate_half_split(x, positions, max_wavelength=10000):
   """Rotary rotation of x [..., N, H, d] by angles pi * pos / max_wavelength^(m / (d/2)).
 
   The head dimension is split into halves (x, y), not interleaved:
   x' = x cos - y sin, y' = x sin + y cos.
   """
-  head_size = x.shape[-1]
-  half = head_size // 2
-  wavelengths = np.power(float(max_wavelength), np.arange(half, dtype=np.float64) / half)
-  angles = math.pi * np.asarray(positions, np.float64)[:, None] / wavelengths[None, :]
-  cos = tf.constant(np.cos(angles)[:, None, :], x.dtype)  # [N, 1, d/2]
-  sin = tf.constant(np.sin(angles)[:, None, :], x.dtype)
-  first, second = x[..., :half], x[..., half:]
-  return tf.concat([first * cos - second * sin, first * sin + second * cos], axis=-1)
+  return _rotate(x, *_rotary_table(positions, x.shape[-1], max_wavelength, x.dtype))
+
+
+def rotate_at(x, position, num_positions, max_wavelength=10000):
+  """`rotate_half_split` of each row of x [B, n, H, d] at a position known only at run time.
+
+  Args:
+    x: [B, n, H, d]; all n vectors of row b are rotated by the same angle.
+    position: int32 [B], each in [0, num_positions).
+    num_positions: how many positions the table holds.
+  Returns:
+    [B, n, H, d], exactly the values `rotate_half_split` gives at those positions (the same
+    table, gathered).
+  """
+  cos, sin = _rotary_table(np.arange(num_positions), x.shape[-1], max_wavelength, x.dtype)
+  return _rotate(x, tf.gather(cos, position)[:, None], tf.gather(sin, position)[:, None])
 
 
 def rotate_keys_and_queries(keys, queries, max_wavelength=10000, offset=None):

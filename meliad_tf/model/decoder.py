@@ -141,11 +141,7 @@ class DecoderStack(tf.Module):
     Returns:
       (logits float32 [B, N, V], new state).
     """
-    with tf.name_scope("embedding"):
-      x = tf.cast(tf.gather(self.embedding, tokens), self.dtype)
-    if self.use_absolute_positions:
-      x += tf.cast(positions.absolute_position_encoding(tokens.shape[1], self.embedding_size),
-                   self.dtype)
+    x = self.embed(tokens)
     # Truncated backpropagation through time: no gradient into the previous segment, but
     # gradients do cross the chunks of this one.
     state = tf.nest.map_structure(tf.stop_gradient, state)
@@ -167,11 +163,36 @@ class DecoderStack(tf.Module):
       for i, layer_diagnostics in enumerate(per_layer):
         for name, values in layer_diagnostics.items():
           diagnostics[f"layer_{i}/{name}"] = tf.reduce_mean(tf.stack(values))
-    return self._logits(x, training, seed), new_state
+    return self.logits(x, training=training, seed=seed), new_state
+
+  @scopes.scoped("embedding")
+  def embed(self, tokens, offset=None):
+    """The layers' input: embedded tokens, plus the absolute positions if the stack has them.
+
+    Args:
+      tokens: int32 [B, n].
+      offset: optional int32 [B], the position of tokens[:, 0] in its segment (absolute
+        positions restart at every segment); None: the tokens are a whole segment.
+    Returns:
+      [B, n, E] in the compute dtype.
+    """
+    x = tf.cast(tf.gather(self.embedding, tokens), self.dtype)
+    if self.use_absolute_positions:
+      length = tokens.shape[1]
+      if offset is None:
+        table = positions.absolute_position_encoding(length, self.embedding_size)
+      else:
+        table = tf.gather(
+            positions.absolute_position_encoding(self.task_config.sequence_length,
+                                                 self.embedding_size),
+            offset[:, None] + tf.range(length)[None])  # [B, n, E]
+      x += tf.cast(table, self.dtype)
+    return x
 
   @scopes.scoped("output")
-  def _logits(self, x, training, seed):
-    """The final norm, dropout and the tied output layer, scaled by 1/sqrt(V)."""
+  def logits(self, x, *, training=False, seed=None):
+    """Next-token logits of the last layer's output x [B, n, E]: the final norm, dropout in
+    training and the tied output layer, scaled by 1/sqrt(V). Returns float32 [B, n, V]."""
     if self.final_layernorm is not None:
       x = self.final_layernorm(x)
     if training and self.final_dropout_rate > 0.0:
@@ -213,3 +234,90 @@ class DecoderStack(tf.Module):
       for name, value in (layer_diagnostics or {}).items():
         per_layer_diagnostics[i].setdefault(name, []).append(value)
     return x, new_state
+
+  def init_decode_state(self, state, start_of_sequence):
+    """The state of one-token decoding (`decode_step`) from the model state at a segment
+    boundary.
+
+    Args:
+      state: the model state (`state_spec`) the previous segment left.
+      start_of_sequence: bool [B]; the streams whose document starts with the next token.
+    Returns:
+      {"layers": every layer's decode state (see `TransformerLayer.init_decode_state`),
+      "memories": the memory layers' memories, and under block feedback "feedback": the
+      (keys, values) [B, S, H, d] of the recurrent state entering the current chunk}.
+    """
+    layers, memories = {}, {}
+    for i, layer in enumerate(self.layers):
+      key = f"layer_{i}"
+      layers[key], memory = layer.init_decode_state(state.get(key, {}), start_of_sequence,
+                                                    self.chunk_length)
+      if memory is not None:
+        memories[key] = memory
+    decode_state = {"layers": layers, "memories": memories}
+    if self.feedback:
+      decode_state["feedback"] = self._feedback_kv(layers)
+    return decode_state
+
+  def _feedback_kv(self, layer_decode_states):
+    """Block feedback's keys and values: those of the last recurrent layer's state."""
+    recurrent = layer_decode_states[f"layer_{self.recurrent_layer_indices[-1]}"]
+    return recurrent["state_keys"], recurrent["state_values"]
+
+  def decode_step(self, tokens, position, decode_state):
+    """Logits of the token after `tokens`, one token per stream: the forward pass's logits
+    at that position.
+
+    Args:
+      tokens: int32 [B].
+      position: int32 [B], each token's index in its document; streams may be at different
+        positions, and must have started decoding at a segment boundary.
+      decode_state: from `init_decode_state` or the previous step.
+    Returns:
+      (logits float32 [B, V], the new decode state). Its "memories" are the ones given:
+      memories are written by `write_memories`, apart, so that a compiled step does not
+      return (and copy) them with every token.
+    """
+    x = self.embed(tokens[:, None], position % self.task_config.sequence_length)
+    memories = decode_state["memories"]
+    feedback_kv = decode_state.get("feedback")
+    layers = {}
+    for i, layer in enumerate(self.layers):
+      key = f"layer_{i}"
+      x, layers[key] = layer.decode_step(
+          x, decode_state["layers"][key], position, memory=memories.get(key),
+          cross_attention_kv=feedback_kv if layer.cross_attention else None)
+    new_state = {"layers": layers, "memories": memories}
+    if self.feedback:
+      # The next chunk's tokens see the state its first token enters with.
+      chunk_ended = tf.equal((position + 1) % self.chunk_length, 0)[:, None, None, None]
+      new_state["feedback"] = tuple(
+          tf.where(chunk_ended, new, old)
+          for new, old in zip(self._feedback_kv(layers), feedback_kv))
+    return self.logits(x)[:, 0], new_state
+
+  def write_memories(self, decode_state, position, write=True):
+    """Writes to the memories what the forward pass writes after the token at `position`.
+
+    Args:
+      decode_state: after the `decode_step` of the tokens at `position` (int32 [B]).
+      position: int32 [B].
+      write: bool scalar; False leaves the memories as they are.
+    Returns:
+      The decode state with the memories of the streams whose call (segment or chunk)
+      ended with that token written, as the segment step writes them.
+    """
+    ended = tf.equal((position + 1) % self.chunk_length, 0) & write
+    memories = dict(decode_state["memories"])
+    for i, layer in enumerate(self.layers):
+      key = f"layer_{i}"
+      if key not in memories:
+        continue
+      memory, layer_state = memories[key], decode_state["layers"][key]
+      # Once per call per stream: the other steps pass the memory through.
+      memories[key] = tf.cond(
+          tf.reduce_any(ended),
+          lambda layer=layer, state=layer_state, memory=memory:
+              layer.write_decoded_call(state, memory, ended),
+          lambda memory=memory: memory)
+    return dict(decode_state, memories=memories)

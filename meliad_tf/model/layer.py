@@ -417,48 +417,67 @@ class TransformerLayer(tf.Module):
       (y [B, N, E], new state).
     """
     keys, values, queries, queries2 = self.tbase.kvq(x, training=training, seed=seed)
-    rotary = ROTARY_WAVELENGTH if self.relative_position_type == "rotary" else None
-    scale = self.tbase.attention_scale
     if self.use_long_xl_architecture:
       window = self.window_length
-      reset = start_of_sequence[:, None, None, None]
-      previous_keys = tf.where(reset, tf.zeros_like(keys[:, :window]), state["keys"])
-      previous_values = tf.where(reset, tf.zeros_like(values[:, :window]), state["values"])
-      attn = attention.sliding_window_attention(
-          queries, keys, values, previous_keys, previous_values, window,
-          position_bias=self._position_bias, scale=scale,
-          dropout_multiplier=self._attention_dropout(window, 2 * window, training, seed),
-          rotary_wavelength=rotary, block_length=self.attention_block_length)
+      previous_keys, previous_values = self._load_cache(state, start_of_sequence)
+      attn = self._local_attention(
+          queries, keys, values, previous_keys, previous_values, self.attention_block_length,
+          dropout_multiplier=self._attention_dropout(window, 2 * window, training, seed))
       new_state = {"keys": keys[:, -window:], "values": values[:, -window:]}
     else:
       length = x.shape[1]
       attn = attention.causal_attention(
-          queries, keys, values, position_bias=self._position_bias, scale=scale,
+          queries, keys, values, position_bias=self._position_bias,
+          scale=self.tbase.attention_scale,
           dropout_multiplier=self._attention_dropout(length, length, training, seed),
-          rotary_wavelength=rotary)
+          rotary_wavelength=self._rotary_wavelength)
       new_state = {}
       previous_keys = previous_values = None
     if self.memory is not None:
       attn, new_state["memory"] = self._memory_attention(
           attn, keys, values, queries, start_of_sequence, state["memory"], training,
-          diagnostics, rotary_wavelength=rotary)
+          diagnostics, rotary_wavelength=self._rotary_wavelength)
     cross_attn = None
     if self.recurrent is not None:
       cross_attn, new_state["recurrent"] = self._recurrence(
           start_of_sequence, state["recurrent"], keys, values, queries2, previous_keys,
           previous_values, diagnostics)
     elif self.cross_attention:
-      if cross_attention_kv is None:
-        raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
-                         "called without cross_attention_kv")
-      cross_attn = recurrence.attend_to_state(
-          queries2, *cross_attention_kv, scale=self.tbase.attention_scale2,
-          written_gradient=self.written_gradient)
+      cross_attn = self._feedback_attention(queries2, cross_attention_kv)
     if diagnostics is not None and cross_attn is not None:
       diagnostics["state_attention_share"] = recurrence.attention_share(
           attn, cross_attn, self.tbase.post_attn_mlp.output_layer.kernel)
     y = self.tbase.post_attn_ffn(x, attn, cross_attn, training=training, seed=seed)
     return y, new_state
+
+  @property
+  def _rotary_wavelength(self):
+    return ROTARY_WAVELENGTH if self.relative_position_type == "rotary" else None
+
+  def _load_cache(self, state, start_of_sequence):
+    """The XL cache as attended to: (keys, values) [B, W, H, d], zeros at a document start."""
+    reset = start_of_sequence[:, None, None, None]
+    return (tf.where(reset, tf.zeros_like(state["keys"]), state["keys"]),
+            tf.where(reset, tf.zeros_like(state["values"]), state["values"]))
+
+  def _local_attention(self, queries, keys, values, previous_keys, previous_values,
+                       block_length, dropout_multiplier=None):
+    """The sliding window: each of the n tokens [B, n, H, d] attends to the W before it,
+    the first of them in `previous_keys`, `previous_values` [B, W, H, d]."""
+    return attention.sliding_window_attention(
+        queries, keys, values, previous_keys, previous_values, self.window_length,
+        position_bias=self._position_bias, scale=self.tbase.attention_scale,
+        dropout_multiplier=dropout_multiplier, rotary_wavelength=self._rotary_wavelength,
+        block_length=block_length)
+
+  def _feedback_attention(self, queries2, cross_attention_kv):
+    """Block feedback: the tokens' attention to the stack's recurrent state (keys, values)."""
+    if cross_attention_kv is None:
+      raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
+                       "called without cross_attention_kv")
+    return recurrence.attend_to_state(queries2, *cross_attention_kv,
+                                      scale=self.tbase.attention_scale2,
+                                      written_gradient=self.written_gradient)
 
   @scopes.scoped("memory")
   def _memory_attention(self, attn, keys, values, queries, start_of_sequence, state,
@@ -504,8 +523,8 @@ class TransformerLayer(tf.Module):
     """Mixes local attention with attention over each query's K neighbours in memory.
 
     The memory is only read: on a segment the caller resets and writes around it; a
-    decoding step calls it with one query per stream and may then append the token with
-    `self.memory.write` (on-device backends).
+    decoding step calls it with one query per stream, and the decoder writes the segment
+    once complete (`write_decoded_call`).
 
     Args:
       attn: local attention output [B, n, H, d].
@@ -563,3 +582,143 @@ class TransformerLayer(tf.Module):
                                        state_values, scale=self.tbase.attention_scale2,
                                        written_gradient=self.written_gradient)
     return attention.merge_windows(cross), final_state
+
+  def init_decode_state(self, state, start_of_sequence, call_length):
+    """This layer's decode state for a call of the layer (a segment, or a chunk of the
+    stack) decoded one token at a time, from the state the previous call left.
+
+    Args:
+      state: this layer's part of the model state (see `state_spec`).
+      start_of_sequence: bool [B]; the streams whose document starts with the call.
+      call_length: tokens per call (the segment, or the stack's chunk); the memory is read
+        and written once per call, as the segment step does.
+    Returns:
+      (decode state, memory): the decode state holds
+        "keys", "values": the keys and values of the previous tokens, oldest first, zeros
+          at a document start: [B, W, H, d], or [B, 2W, H, d] for a recurrent layer, whose
+          state update at the end of a block reads the block and the window before it;
+        for a memory layer, "pending_keys", "pending_values" [B, call_length, H, d]: those
+          of the call's tokens so far, written to the memory when the call completes;
+        for a recurrent layer, "recurrent" [B, S, E], the state entering the current block
+          (the learned initial state at a document start), and "state_keys",
+          "state_values" [B, S, H, d], its keys and values, which the tokens attend to.
+      The memory (reset where a document starts), or None for a layer without one, is
+      kept apart: a decoding step only reads it (`write_decoded_call` writes it).
+    Raises:
+      ValueError: for a layer without the XL cache, which has no one-token step.
+    """
+    if not self.use_long_xl_architecture:
+      raise ValueError(f"{self.name}: decoding one token at a time needs the XL cache "
+                       "(TransformerLayer.use_long_xl_architecture = True)")
+    keys, values = self._load_cache(state, start_of_sequence)
+    if self.recurrent is not None:
+      keys = tf.concat([tf.zeros_like(keys), keys], axis=1)
+      values = tf.concat([tf.zeros_like(values), values], axis=1)
+    decode_state = {"keys": keys, "values": values}
+    memory = None
+    if self.memory is not None:
+      memory = state["memory"]
+      if self.memory_reset_on_new_doc:
+        memory = self.memory.reset(memory, start_of_sequence)
+      pending = tf.zeros([keys.shape[0], call_length] + keys.shape.as_list()[2:], keys.dtype)
+      decode_state.update(pending_keys=pending, pending_values=pending)
+    if self.recurrent is not None:
+      recurrent_state = self.recurrent.load(start_of_sequence, state["recurrent"])
+      state_keys, state_values = self.recurrent.kv(recurrent_state)
+      decode_state.update(recurrent=recurrent_state, state_keys=state_keys,
+                          state_values=state_values)
+    return decode_state, memory
+
+  def decode_step(self, x, state, position, memory=None, cross_attention_kv=None):
+    """One token per stream through the layer: what `__call__` computes for that token.
+
+    The same attention code as the segment step: the sliding window (in blocks of one
+    query), the memory's search, attention and gate, the recurrent cell's update and the
+    cross attention to a state. A recurrent layer moves its state on when a block ends,
+    as the segment step does; a memory layer collects the call's keys and values for
+    `write_decoded_call`.
+
+    Args:
+      x: [B, 1, E], the token's input to this layer.
+      state: the decode state (`init_decode_state`, or the previous step's).
+      position: int32 [B], each token's index in its document (segments, chunks and blocks
+        start at multiples of their lengths).
+      memory: a memory layer's memory, read only.
+      cross_attention_kv: for a `cross_attention` layer, the (keys, values) [B, S, H, d]
+        of the recurrent state entering the current chunk.
+    Returns:
+      (y [B, 1, E], the new decode state).
+    """
+    keys, values, queries, queries2 = self.tbase.kvq(x)  # [B, 1, H, d] each
+    window = self.window_length
+    attn = self._local_attention(queries, keys, values, state["keys"][:, -window:],
+                                 state["values"][:, -window:], block_length=1)
+    new_state = {"keys": tf.concat([state["keys"][:, 1:], keys], axis=1),
+                 "values": tf.concat([state["values"][:, 1:], values], axis=1)}
+    if self.memory is not None:
+      attn = self._read_memory_for_token(attn, queries, memory, position)
+      call_length = state["pending_keys"].shape[1]
+      current = tf.one_hot(position % call_length, call_length, on_value=True,
+                           off_value=False)[:, :, None, None]  # [B, call_length, 1, 1]
+      new_state["pending_keys"] = tf.where(current, keys, state["pending_keys"])
+      new_state["pending_values"] = tf.where(current, values, state["pending_values"])
+    cross_attn = None
+    if self.recurrent is not None:
+      cross_attn = recurrence.attend_to_state(queries2, state["state_keys"],
+                                              state["state_values"],
+                                              scale=self.tbase.attention_scale2,
+                                              written_gradient=self.written_gradient)
+      new_state.update(self._end_blocks(state, new_state["keys"], new_state["values"],
+                                        tf.equal((position + 1) % window, 0)))
+    elif self.cross_attention:
+      cross_attn = self._feedback_attention(queries2, cross_attention_kv)
+    return self.tbase.post_attn_ffn(x, attn, cross_attn), new_state
+
+  def _read_memory_for_token(self, attn, queries, memory, position):
+    """`read_memory` for one token per stream, its query rotated by its position in the
+    window with rotary positions (as `_memory_attention` rotates a segment's)."""
+    neighbors = None
+    if self.memory.searches_on_host:
+      neighbors = self.memory.host_lookup(memory, queries, self.memory_num_neighbors, "test")
+    attention_queries = None
+    if self._rotary_wavelength is not None:
+      attention_queries = positions.rotate_at(queries, position % self.window_length,
+                                              self.window_length, self._rotary_wavelength)
+    return self.read_memory(attn, queries, memory, neighbors,
+                            attention_queries=attention_queries)
+
+  def _end_blocks(self, state, window_keys, window_values, ended):
+    """The recurrent state, its keys and values, moved on for the streams whose block ended
+    (bool [B]) with the keys and values [B, 2W, H, d] of the block and the window before."""
+    previous = (state["recurrent"], state["state_keys"], state["state_values"])
+
+    def update():
+      recurrent_state = self.recurrent.step_where(ended, state["recurrent"], window_keys,
+                                                  window_values)
+      state_keys, state_values = self.recurrent.kv(recurrent_state)
+      rows = ended[:, None, None, None]
+      return (recurrent_state, tf.where(rows, state_keys, state["state_keys"]),
+              tf.where(rows, state_values, state["state_values"]))
+
+    # Once per block per stream: the other steps skip the cell.
+    updated = tf.cond(tf.reduce_any(ended), update, lambda: previous)
+    return dict(zip(("recurrent", "state_keys", "state_values"), updated))
+
+  def write_decoded_call(self, state, memory, ended):
+    """Writes the call's keys and values to the memory of the streams in `ended` (bool [B],
+    those whose call just completed), as the segment step writes a segment.
+
+    Args:
+      state: this layer's decode state after the call's last token.
+      memory: its memory.
+      ended: bool [B].
+    Returns:
+      The new memory.
+    """
+    keys, values = state["pending_keys"], state["pending_values"]
+    if self.memory.searches_on_host:
+      indexed = self.memory.host_write(memory, keys, self.memory_num_neighbors, "test", ended)
+      # The next lookup takes the written memory, so it runs after the host has indexed it.
+      with tf.control_dependencies([indexed]):
+        keys = tf.identity(keys)
+    return self.memory.write(memory, keys, values, streams=ended)
