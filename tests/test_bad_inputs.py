@@ -30,6 +30,8 @@ import pipelines
 from meliad_tf.training import checkpoints
 from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
+from meliad_tf.training import step_losses
+from meliad_tf.training import steps
 from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import export as export_tool
 
@@ -91,7 +93,7 @@ def restored_step(workdir, *params):
   """Builds the saved run's trainer and restores `workdir`; returns its step."""
   configure(*SAVED, *params)
   trainer = trainer_lib.Trainer().build()
-  assert checkpoints.CheckpointKeeper(trainer, workdir, 2).restore()
+  assert trainer.checkpoint_keeper(workdir, 2).restore()
   return trainer.step
 
 
@@ -694,7 +696,7 @@ def test_nonfinite_loss_skipped(shell, tmp_path):
 
   before = parameters_slots_and_state()
   _, metrics = trainer.train_step()
-  assert metrics[trainer_lib.ALL_FINITE] == 0.0
+  assert metrics[steps.ALL_FINITE] == 0.0
   after = parameters_slots_and_state()
   tf.nest.map_structure(np.testing.assert_array_equal, after, before)
   for param in trainer.params:
@@ -707,7 +709,7 @@ def test_nonfinite_loss_skipped(shell, tmp_path):
   run_training(HUGE_LEARNING_RATE, "Trainer.num_steps = 4", "Trainer.log_every_steps = 1",
                "Trainer.skip_nonfinite_steps = True", "Trainer.record_step_losses = True",
                workdir=workdir)
-  with open(os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)) as f:
+  with open(os.path.join(workdir, step_losses.FILE_NAME)) as f:
     records = [json.loads(line) for line in f]
   assert [r.get("skipped", False) for r in records] == [False, False, True, True]
   skipped = {}

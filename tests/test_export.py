@@ -361,11 +361,15 @@ def test_every_family_scores_alike_after_reload_and_resets_to_a_document_start(n
                                 tokens[False])
 
 
-def test_a_memory_searched_on_the_host_is_refused(tmp_path):
+def test_a_memory_searched_on_the_host_scores_in_process_but_is_not_exported(tmp_path):
   model = family_model("memorizing", "memory_on_tpu_factory.backend = 'scann'")
   vocabulary = pipelines.RawByteVocabulary()
-  with pytest.raises(ValueError, match="layer_1 search their memory on the host.*XLA"):
-    export.ScoringModule(model, 2, vocabulary, jit_compile=True)
+  tokens = tf.constant(np.arange(1, 33, dtype=np.int32).reshape(2, 16) * 7 % 200 + 1)
+  scored = {}
+  for jit_compile in (False, True):  # XLA clusters around the host's search
+    module = export.ScoringModule(model, 2, vocabulary, jit_compile=jit_compile)
+    scored[jit_compile] = module.score(tokens, tf.constant([True, True]))["log_probs"].numpy()
+  np.testing.assert_allclose(scored[True], scored[False], rtol=RTOL, atol=ATOL)
   with pytest.raises(export.ExportError, match="a SavedModel cannot hold"):
     export.export(export.ScoringModule(model, 2, vocabulary), str(tmp_path / "model"),
                   vocabulary=vocabulary, config_text="", task_name="synthetic", step=0)

@@ -123,13 +123,12 @@ def test_one_adafactor_step_equals_meliads(converted, clean_gin):
 def _restored_trainer(workdir):
   """Our trainer built from the converted workdir's config, restored as a resume would."""
   import gin  # pylint: disable=g-import-not-at-top
-  from meliad_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   from meliad_tf.training import gin_setup  # pylint: disable=g-import-not-at-top
   from meliad_tf.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   gin_setup.parse([os.path.join(workdir, "config.gin")])
   trainer = trainer_lib.Trainer().build()
-  assert checkpoints.CheckpointKeeper(trainer, workdir).restore()
+  assert trainer.checkpoint_keeper(workdir).restore()
   return trainer
 
 

@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from meliad_tf.training import checkpoints
 from meliad_tf.model import decoder
 from meliad_tf.training import gin_setup
 from meliad_tf.layers import host_search
@@ -507,7 +506,7 @@ def test_memory_state_round_trips_through_a_checkpoint(tmp_path):
   assert np.all(memory["index"] == 3 * 256)  # the ring has turned: 768 entries, 512 slots
   assert np.any(memory["keys"][:, :, :256]) and np.any(memory["keys"][:, :, 256:])
   restored = build_trainer("Trainer.num_steps = 3")
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   tf.nest.map_structure(np.testing.assert_array_equal, restored.train_state.values(), saved)
   # The restored run continues exactly as the original one.
   np.testing.assert_allclose(restored.train_step()[1]["loss"], trained.train_step()[1]["loss"],
@@ -603,7 +602,7 @@ def test_scann_memory_is_rebuilt_from_the_restored_state(tmp_path):
   trained = build_trainer(*bindings, files=gin_files)
   trained.train(str(tmp_path))
   restored = build_trainer(*bindings, files=gin_files)
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   np.testing.assert_allclose(restored.train_step()[1]["loss"], trained.train_step()[1]["loss"],
                              rtol=1e-6)
 

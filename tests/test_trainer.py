@@ -11,6 +11,7 @@ import tensorflow as tf
 from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
 from meliad_tf.training import plots
+from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
 
 TINY = ["base_htrans.gin", "size/tiny_test.gin"]
@@ -48,7 +49,7 @@ def test_restore_continues_step_count_and_losses(tmp_path):
   first.train(str(tmp_path))
   assert first.step == 6
   resumed = build("Trainer.num_steps = 6", "Trainer.test_every_steps = 0")
-  keeper = checkpoints.CheckpointKeeper(resumed, str(tmp_path))
+  keeper = resumed.checkpoint_keeper(str(tmp_path))
   assert keeper.restore()
   assert resumed.step == 6
 
@@ -57,7 +58,7 @@ def test_restore_continues_step_count_and_losses(tmp_path):
   workdir = tmp_path / "mid"
   build("Trainer.num_steps = 3", "Trainer.test_every_steps = 0").train(str(workdir))
   continued = build(*params)
-  keeper = checkpoints.CheckpointKeeper(continued, str(workdir))
+  keeper = continued.checkpoint_keeper(str(workdir))
   keeper.restore()
   assert continued.step == 3
   continued_losses = [continued.train_step()[1]["loss"] for _ in range(3)]
@@ -100,7 +101,7 @@ def test_mirrored_state_round_trips_through_a_checkpoint(tmp_path):
   trained.train(str(tmp_path))
   saved = trained.train_state.values()
   restored = build(*params, strategy=strategy)
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   per_replica = [c.numpy() for c in strategy.experimental_local_results(
       restored.train_state.live["layer_0"]["keys"])]
   np.testing.assert_array_equal(per_replica[0], saved["layer_0"]["keys"][:1])
@@ -140,7 +141,7 @@ def test_steps_per_loop_keeps_losses_summaries_tests_and_checkpoints(jit_compile
     trainer.train_steps = lambda n, signal=None: calls.append(n) or run_steps(n, signal)
     trainer.train(workdir)
     losses = [json.loads(line)["loss"] for line in
-              open(os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)).read().splitlines()]
+              open(os.path.join(workdir, step_losses.FILE_NAME)).read().splitlines()]
     scalars = plots.read_scalars(workdir)
     state = tf.train.get_checkpoint_state(os.path.join(workdir, checkpoints.CHECKPOINT_DIRECTORY))
     runs[steps_per_loop] = (calls, losses, scalars,

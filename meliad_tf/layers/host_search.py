@@ -10,7 +10,7 @@ memory as for any backend.
 The search runs inside the training or evaluation step as a `tf.numpy_function` at the
 memory layer. ScaNN cannot run under XLA, so the step of a model with this backend is a
 TensorFlow graph whose ops on either side of the call XLA compiles in clusters
-(`trainer.xla_around_host_calls`; plain graph ops with `Trainer.jit_compile = False`); in
+(`steps.xla_around_host_calls`; plain graph ops with `Trainer.jit_compile = False`); in
 exchange there is no extra forward pass to compute the queries before the step. Each
 call, per stream: check that the indices hold what the device memory holds, comparing
 the rows this host wrote last (a document start, which zeroes the device memory, a

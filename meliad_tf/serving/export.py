@@ -46,6 +46,8 @@ from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tf.serving import generation
 from meliad_tf.training import gin_setup
 from meliad_tf.common import storage
+from meliad_tf.training import state as state_lib
+from meliad_tf.training import steps
 
 FORMAT = "meliad-tf-saved-model"
 FORMAT_VERSION = 1
@@ -145,25 +147,19 @@ class ScoringModule(tf.Module):
                        f"{model.vocab_size} rows")
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
-    host_layers = model.decoder.host_search_layers
-    if jit_compile and host_layers:
-      raise ValueError(f"{', '.join(host_layers)} search their memory on the host "
-                       "(memory_on_tpu_factory.backend = 'scann'), which XLA cannot compile; "
-                       "turn --jit_compile off")
     self.model = model
     self.batch_size = batch_size
     self.sequence_length = model.task_config.sequence_length
     self.vocab_size = model.vocab_size
-    self.state = tf.nest.map_structure(
-        lambda s: tf.Variable(tf.zeros(s.shape, s.dtype), trainable=False),
-        model.state_spec(batch_size))
+    self.state = state_lib.StreamState(model.state_spec, batch_size, mode="scoring")
     # Streams whose next `score` starts a document: all of them in a new (or newly loaded)
     # module, and those given to `reset`.
     self.pending_start = tf.Variable(tf.ones([batch_size], tf.bool), trainable=False)
     self.codec = make_codec(vocabulary)
     self.generate_unsupported_reason = generation.unsupported_reason(model)
     self.jit_compile = jit_compile
-    self._forward = tf.function(self._forward_and_store, jit_compile=jit_compile)
+    self._forward = steps.compile_step(self._forward_and_store, jit_compile,
+                                       calls_host=bool(model.decoder.host_search_layers))
     self.score = tf.function(self._score, input_signature=[
         tf.TensorSpec([batch_size, self.sequence_length], tf.int32, name="tokens"),
         tf.TensorSpec([batch_size], tf.bool, name="start_of_sequence")])
@@ -186,10 +182,9 @@ class ScoringModule(tf.Module):
 
   def _forward_and_store(self, tokens, start_of_sequence):
     start = start_of_sequence | self.pending_start
-    state = tf.nest.map_structure(lambda v: v.read_value(), self.state)
     batch = {"targets": tokens, "start_of_sequence": start}
-    _, metrics, new_state = self.model(batch, state, training=False)
-    tf.nest.map_structure(lambda v, x: v.assign(x), self.state, new_state)
+    _, metrics, new_state = self.model(batch, self.state.read(), training=False)
+    self.state.assign(new_state)
     self.pending_start.assign(tf.zeros_like(self.pending_start))
     return {
         "log_probs": 0.0 - metrics["token_losses"],
@@ -206,10 +201,9 @@ class ScoringModule(tf.Module):
       return self._forward(tf.identity(tokens), start_of_sequence)
 
   def _reset(self, streams):
-    zeros = tf.nest.map_structure(tf.zeros_like, self.state)
-    current = tf.nest.map_structure(lambda v: v.read_value(), self.state)
-    tf.nest.map_structure(lambda v, x: v.assign(x), self.state,
-                          generation.where_streams(streams, zeros, current))
+    current = self.state.read()
+    zeros = tf.nest.map_structure(tf.zeros_like, current)
+    self.state.assign(generation.where_streams(streams, zeros, current))
     self.pending_start.assign(self.pending_start | streams)
     return {"reset_streams": tf.reduce_sum(tf.cast(streams, tf.int32))}
 

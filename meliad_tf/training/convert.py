@@ -513,5 +513,5 @@ def convert(meliad_workdir, output, gin_params=()):
   tf.io.gfile.makedirs(output)
   with tf.io.gfile.GFile(os.path.join(output, CONFIG_FILE), "w") as f:
     f.write(gin.operative_config_str())
-  keeper = checkpoints.CheckpointKeeper(trainer, output, trainer.max_checkpoints_to_keep)
+  keeper = trainer.checkpoint_keeper(output)
   return keeper.save(), trainer.step

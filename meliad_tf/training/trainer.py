@@ -22,10 +22,8 @@ others' next collective fail (TensorFlow's coordination service notices the miss
 heartbeats within seconds), and they stop with `WorkerLostError`.
 """
 
-import json
 import os
 import signal
-import threading
 
 from absl import logging
 import gin
@@ -37,51 +35,17 @@ from meliad_tf.training import checkpoints
 from meliad_tf.training import distribution
 from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import optimizer as optimizer_lib
-from meliad_tf.layers import scopes
 from meliad_tf.training import schedules
 from meliad_tf.training import state as state_lib
+from meliad_tf.training import step_losses as step_losses_lib
+from meliad_tf.training import steps as steps_lib
+from meliad_tf.training import stopping
 from meliad_tf.common import storage
 from meliad_tf.training import summaries
-
-# Batch fields the compiled steps take; the rest (document ids, epochs) stays on the host.
-MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars")
-
 
 def should_run(step, every):
   """Meliad's schedule for periodic work: never at step 0, never when `every` is 0."""
   return step > 0 and every > 0 and step % every == 0
-
-
-# A metric of every training step: 1.0 when its loss and gradients are all finite.
-ALL_FINITE = "all_finite"
-# Per-step training losses, JSON lines in the workdir (Trainer.record_step_losses).
-STEP_LOSSES_FILE = "step_losses.jsonl"
-
-
-def xla_around_host_calls(fn):
-  """`fn`, with the ops it creates marked for XLA.
-
-  XLA cannot compile a function that calls the host, so a step with a memory searched by
-  ScaNN cannot be one XLA program. Under this scope TensorFlow's clustering pass compiles
-  the ops on either side of the host call instead (the layers before the memory's search,
-  those after it, the backward pass, the optimizer) as XLA clusters, and leaves out the
-  host call (`tf.numpy_function`, which has no XLA kernel) for the graph to run between
-  them.
-  """
-
-  def compiled_around_host_calls(*args):
-    with tf.xla.experimental.jit_scope():
-      return fn(*args)
-
-  return compiled_around_host_calls
-
-
-@scopes.scoped("finite_check")
-def _all_finite(loss, grads):
-  """A bool scalar: the loss and every gradient are finite."""
-  checks = [tf.reduce_all(tf.math.is_finite(loss))]
-  checks += [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-  return tf.reduce_all(tf.stack(checks))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,10 +81,6 @@ USER_ERRORS = (ValueError, OSError, NonFiniteLossError, WorkerLostError)
 # DeadlineExceeded).
 _PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
                   tf.errors.CancelledError, tf.errors.DeadlineExceededError)
-# The signals a host can vote for, in the order of the vote vector: SIGTERM wins over
-# SIGINT when hosts received different ones, since a preemption is coming either way.
-_VOTED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 @gin.configurable(module="training_loop")
 class Trainer:
@@ -151,7 +111,7 @@ class Trainer:
     trace_debug_mode: run the steps eagerly, without tf.function, for debugging.
     print_variables: log every parameter's name and shape at start.
     jit_compile: compile the steps with XLA; with a memory searched on the host (the scann
-      backend), everything in them but the search (`xla_around_host_calls`).
+      backend), everything in them but the search (`steps.xla_around_host_calls`).
     max_checkpoints_to_keep: Meliad keeps 1; with more, a restore falls back to an older
       checkpoint when the newest cannot be read.
     skip_nonfinite_steps: a step whose loss or gradients are not finite leaves the
@@ -286,7 +246,12 @@ class Trainer:
           "Trainer.steps_per_loop = 1")
     # Calling the schedule once here puts its gin bindings in the operative config.
     self.learning_rate(tf.constant(0, tf.int64))
-    self._build_steps()
+    self.steps = steps_lib.TrainingSteps(
+        self.model, self.optimizer, self.strategy, self.train_state, self.test_state,
+        learning_rate=self.learning_rate, random_seed=self.random_seed,
+        batch_size=self.batch_size, steps_per_loop=self.steps_per_loop,
+        skip_nonfinite_steps=self.skip_nonfinite_steps, jit_compile=self.jit_compile,
+        eager=self.trace_debug_mode)
     return self
 
   def _dataset(self, split, seed, context):
@@ -304,138 +269,6 @@ class Trainer:
                                    self.warmup_steps, self.learning_rate_multiplier,
                                    self.optimizer_config.learning_rate)
 
-  def _dropout_seed(self, step):
-    return tf.stack([tf.constant(self.random_seed, tf.int64), tf.cast(step, tf.int64)])
-
-  def _forward_backward(self, batch, seed):
-    """One replica's gradients, metrics and its streams' new training state.
-
-    Every replica gets the same dropout seed: Meliad's masks are shared by all streams,
-    so with the same seed several replicas compute what one device would.
-    """
-    with tf.GradientTape() as tape:
-      _, metrics, new_state = self.model(batch, self.train_state.read(), training=True,
-                                         seed=seed)
-      loss = metrics["loss"]
-    grads = tape.gradient(loss, self.params)
-    grads = [tf.zeros_like(p) if g is None else tf.convert_to_tensor(g)
-             for g, p in zip(grads, self.params)]
-    return grads, _scalars(metrics), new_state
-
-  def _store_train_state(self, new_state, all_finite):
-    """Keeps the streams' new state; a skipped non-finite step keeps the old one (replica
-    context)."""
-    if self.skip_nonfinite_steps:
-      new_state = tf.nest.map_structure(lambda new, old: tf.where(all_finite, new, old),
-                                        new_state, self.train_state.read())
-    self.train_state.assign(new_state)
-
-  def _evaluate(self, batch):
-    _, metrics, new_state = self.model(batch, self.test_state.read(), training=False)
-    self.test_state.assign(new_state)
-    return _scalars(metrics)
-
-  def _build_steps(self):
-    if self.trace_debug_mode:
-      compile_fn = lambda f: f
-    elif self.jit_compile and self.calls_host:
-      compile_fn = lambda f: tf.function(xla_around_host_calls(f))
-    else:
-      compile_fn = lambda f: tf.function(f, jit_compile=self.jit_compile)
-    if self.strategy.num_replicas_in_sync == 1:
-      # One program for the whole loop, optimizer included.
-      forward_backward, evaluate, outer = self._forward_backward, self._evaluate, compile_fn
-    else:
-      # Each replica's pass is compiled; the all-reduce and the update run around it.
-      forward_backward = compile_fn(self._forward_backward)
-      evaluate = compile_fn(self._evaluate)
-      outer = (lambda f: f) if self.trace_debug_mode else tf.function
-
-    def train_step(batches, index):
-      learning_rate = self.learning_rate(self.optimizer.iterations)
-      seed = self._dropout_seed(self.optimizer.iterations)
-      # A Python function around the compiled one: handed a tf.function directly,
-      # MirroredStrategy traces it once and every replica then reads replica 0's state.
-      grads, metrics, new_state = self.strategy.run(
-          lambda b, s: forward_backward(tf.nest.map_structure(lambda x: x[index], b), s),
-          (batches, seed))
-      # Each replica's loss is the sum over its streams; gradients are averaged (pmean).
-      # One reduction per gradient: MultiWorkerMirroredStrategy cannot reduce a list whose
-      # tensors differ in rank in one call.
-      grads = [self.strategy.reduce(tf.distribute.ReduceOp.MEAN, g, axis=None) for g in grads]
-      metrics = self._reduce_metrics(metrics)
-      # One decision for all replicas, so that a skipped step leaves every stream as it was.
-      finite = _all_finite(metrics["loss"], grads)
-      self.strategy.run(lambda s, f: self._store_train_state(s, f), (new_state, finite))
-      self._apply_on_every_replica(grads, learning_rate,
-                                   finite if self.skip_nonfinite_steps else None)
-      return dict(metrics, learning_rate=learning_rate,
-                  **{ALL_FINITE: tf.cast(finite, tf.float32)})
-
-    def metrics_row(metrics):
-      # The keys are known once the step is traced; the host reads the rows by them.
-      self.metric_keys = sorted(metrics)
-      return tf.stack([tf.cast(metrics[k], tf.float32) for k in self.metric_keys])
-
-    def train_steps(batches, num_steps, stop_votes):
-      """Runs `num_steps` steps on `batches` (fields [steps_per_loop, B, ...]).
-
-      Returns:
-        ([steps_per_loop, len(metric_keys)] float32 rows of the steps' metrics, zero past
-        `num_steps`; the stop votes [len(_VOTED_SIGNALS)] summed over the replicas).
-      """
-      if self.steps_per_loop == 1:
-        rows = metrics_row(train_step(batches, 0))[tf.newaxis]
-      else:
-        rows = tf.TensorArray(tf.float32, size=self.steps_per_loop)
-        for index in tf.range(num_steps):
-          rows = rows.write(index, metrics_row(train_step(batches, index)))
-        rows = rows.stack()
-      votes = self.strategy.reduce(tf.distribute.ReduceOp.SUM, stop_votes, axis=None)
-      return rows, votes
-
-    def test_step(batch):
-      return self._reduce_metrics(self.strategy.run(lambda b: evaluate(b), (batch,)))
-
-    self._train_steps = outer(train_steps)
-    self._test_step = outer(test_step)
-
-  def _reduce_metrics(self, per_replica):
-    """Counts add up across replicas; diagnostics are averaged."""
-    return {key: self.strategy.reduce(
-        tf.distribute.ReduceOp.MEAN if key.startswith(model_lib.DIAGNOSTICS_PREFIX)
-        else tf.distribute.ReduceOp.SUM, value, axis=None)
-            for key, value in per_replica.items()}
-
-  @scopes.scoped("optimizer")
-  def _apply_on_every_replica(self, grads, learning_rate, all_finite=None):
-    """The optimizer update, applied to each replica's copy of every parameter.
-
-    With `all_finite` (a bool scalar) given, a step where it is False leaves the parameters
-    and slots as they were; the step count moves on either way.
-    """
-    step = self.optimizer.iterations.read_value()
-    for param, grad in zip(self.params, grads):
-      slots = self.optimizer.slots_for(param)
-      names = sorted(slots)
-
-      def update(param_copy, grad, *slot_copies, names=names):
-        old_slots = {name: slot.read_value() for name, slot in zip(names, slot_copies)}
-        old_param = param_copy.read_value()
-        new_param, new_slots = self.optimizer.update(old_param, grad, old_slots, step,
-                                                     learning_rate)
-        if all_finite is not None:
-          new_param = tf.where(all_finite, new_param, old_param)
-          new_slots = {name: tf.where(all_finite, new_slots[name], old_slots[name])
-                       for name in names}
-        param_copy.assign(new_param)
-        for name, slot in zip(names, slot_copies):
-          slot.assign(new_slots[name])
-
-      self.strategy.extended.update(param, update, args=(grad, *[slots[n] for n in names]),
-                                    group=False)
-    self.optimizer.iterations.assign_add(1)
-
   def _read_batch(self, iterator):
     try:
       return next(iterator)
@@ -445,46 +278,15 @@ class Trainer:
       raise DataError(f"reading split {split!r} of task {self.task_config.dataset_name!r} "
                       f"failed: {_without_graph_context(e.message)}") from e
 
-  def _next_batch(self, iterator):
-    """The next host batch, and its model inputs split across the local replicas."""
-    host = self._read_batch(iterator)
-    inputs = {key: host[key] for key in MODEL_INPUTS if key in host}
-    return host, distribution.split_streams(self.strategy, inputs, self.batch_size)
-
   # ---------------------------------------------------------------------------------------
   # Steps
 
-  @property
-  def train_function(self):
-    """The compiled training loop: (batches, num_steps, stop votes) -> (metric rows, votes)."""
-    return self._train_steps
-
-  def train_call_arguments(self, num_steps, stop_signal=None):
-    """Reads `num_steps` host batches; returns them and the arguments of `train_function`.
-
-    Args:
-      num_steps: 1 to `steps_per_loop`.
-      stop_signal: a signal this host received, voted for inside the call (None: none).
-    """
-    if not 1 <= num_steps <= self.steps_per_loop:
-      raise ValueError(f"num_steps must be in [1, {self.steps_per_loop}], got {num_steps}")
-    hosts = [self._read_batch(self.train_iterator) for _ in range(num_steps)]
-    stacked = {}
-    for key in MODEL_INPUTS:
-      if key in hosts[0]:
-        values = [host[key] for host in hosts]
-        # The loop's inputs keep one shape; it never reads the padding.
-        values += [tf.zeros_like(values[0])] * (self.steps_per_loop - num_steps)
-        stacked[key] = tf.stack(values)
-    votes = np.zeros([len(_VOTED_SIGNALS)], np.float32)
-    if stop_signal is not None:
-      votes[_VOTED_SIGNALS.index(stop_signal)] = 1.0
-    return hosts, (distribution.split_streams(self.strategy, stacked, self.batch_size, axis=1),
-                   tf.constant(num_steps),
-                   distribution.on_every_replica(self.strategy, tf.constant(votes)))
+  def next_training_batches(self, num_steps):
+    """This host's next `num_steps` training batches."""
+    return [self._read_batch(self.train_iterator) for _ in range(num_steps)]
 
   def train_steps(self, num_steps, stop_signal=None):
-    """Runs `num_steps` training steps in one call of the compiled loop.
+    """Runs `num_steps` (at most `steps_per_loop`) training steps in one call.
 
     Args:
       num_steps: 1 to `steps_per_loop`.
@@ -493,11 +295,10 @@ class Trainer:
       (the host batches, one dict of metric sums per step, and the signal that some host
       voted for, or None).
     """
-    hosts, arguments = self.train_call_arguments(num_steps, stop_signal)
-    rows, votes = self._train_steps(*arguments)
-    rows = rows.numpy()
-    metrics = [dict(zip(self.metric_keys, rows[i])) for i in range(num_steps)]
-    voted = next((s for s, v in zip(_VOTED_SIGNALS, votes.numpy()) if v > 0), None)
+    if not 1 <= num_steps <= self.steps_per_loop:
+      raise ValueError(f"num_steps must be in [1, {self.steps_per_loop}], got {num_steps}")
+    hosts = self.next_training_batches(num_steps)
+    metrics, voted = self.steps.train(hosts, stop_signal)
     return hosts, metrics, voted
 
   def train_step(self):
@@ -509,8 +310,7 @@ class Trainer:
     """Runs `num_test_steps` test steps; returns the metrics summed over them."""
     totals = {}
     for _ in range(self.num_test_steps):
-      _, batch = self._next_batch(self.test_iterator)
-      for key, value in self._test_step(batch).items():
+      for key, value in self.steps.test(self._read_batch(self.test_iterator)).items():
         totals[key] = totals.get(key, 0.0) + float(value.numpy())
     return totals
 
@@ -558,18 +358,18 @@ class Trainer:
           "the same command to continue from the last checkpoint") from e
 
   def _train(self, workdir, load_dir):
-    self.checkpoints = checkpoints.CheckpointKeeper(self, workdir, self.max_checkpoints_to_keep)
+    self.checkpoints = self.checkpoint_keeper(workdir)
     # Only the chief writes the workdir; the other hosts read its checkpoints.
     own_workdir = workdir if self.is_chief else ""
-    with _StopRequests() as stop_requests:
+    with stopping.StopRequests() as stop_requests:
       if self.restore_checkpoints:
         self.checkpoints.restore(load_dir)
       if own_workdir:
         storage.write_atomically(os.path.join(own_workdir, "config.gin"),
                                  gin.operative_config_str())
-      losses_path = (os.path.join(own_workdir, STEP_LOSSES_FILE)
+      losses_path = (os.path.join(own_workdir, step_losses_lib.FILE_NAME)
                      if own_workdir and self.record_step_losses else "")
-      with _StepLossLog(losses_path, self.step) as step_losses:
+      with step_losses_lib.StepLossLog(losses_path, self.step) as step_losses:
         return self._train_loop(own_workdir, stop_requests, step_losses)
 
   def _periodic_work_after(self, step):
@@ -602,7 +402,7 @@ class Trainer:
       hosts, metrics, voted = self.train_steps(self._steps_in_next_call(first),
                                                stop_requests.signal_number)
       for step, step_metrics in enumerate(metrics, start=first):
-        finite = bool(step_metrics.pop(ALL_FINITE))
+        finite = bool(step_metrics.pop(steps_lib.ALL_FINITE))
         step_losses.write(step, step_metrics["loss"] if finite else None,
                           skipped=not finite and self.skip_nonfinite_steps)
         if finite:
@@ -692,6 +492,22 @@ class Trainer:
     if workdir:
       logging.info("TensorBoard: tensorboard --logdir=%s", workdir)
 
+  def checkpoint_keeper(self, workdir, max_to_keep=None):
+    """A `CheckpointKeeper` of this run's checkpoints in `workdir`.
+
+    Args:
+      workdir: the run's workdir ("" for none).
+      max_to_keep: checkpoints kept; None: Trainer.max_checkpoints_to_keep.
+    """
+    contents = checkpoints.Contents(
+        strategy=self.strategy, model=self.model, optimizer=self.optimizer,
+        train_state=self.train_state, test_state=self.test_state,
+        train_iterator=self.train_iterator, test_iterator=self.test_iterator,
+        parameter_summary=self.parameter_summary, data_signature=self.data_signature,
+        restore_state_variables=self.restore_state_variables)
+    return checkpoints.CheckpointKeeper(contents, workdir,
+                                        max_to_keep or self.max_checkpoints_to_keep)
+
   def data_signature(self):
     """What the checkpointed data iterators read; a resume must read the same."""
     config = self.task_config
@@ -708,124 +524,14 @@ class Trainer:
     shapes = {v.name: list(v.shape) for v in self.params}
     for mode in (self.train_state, self.test_state):
       for path, variable in _flatten_with_paths(mode.checkpointable.variables_by_name):
-        shapes[f"state_{mode.name}/{path}"] = list(variable.shape)
+        shapes[f"state_{mode.mode}/{path}"] = list(variable.shape)
     return shapes
-
-
-def _scalars(metrics):
-  """The scalar metrics: the model also returns per-token losses and predictions when built
-  with `output_token_losses` (for scoring), which summaries do not take."""
-  return {key: value for key, value in metrics.items() if value.shape.rank == 0}
 
 
 def _without_graph_context(message):
   """A TensorFlow error message without the graph node lines it appends."""
   lines = [line for line in message.splitlines() if not line.strip().startswith("[[")]
   return " ".join(line.strip() for line in lines if line.strip())
-
-
-class _StopRequests:
-  """While active (in the main thread), SIGTERM and SIGINT ask the loop to stop.
-
-  The first signal is recorded and the previous handlers come back, so that a second one
-  acts at once (SIGTERM ends the process, SIGINT raises KeyboardInterrupt).
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signal_number = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-    return self
-
-  def _handle(self, signal_number, frame):
-    del frame
-    self.signal_number = signal_number
-    self._restore_handlers()
-    logging.warning("received %s: stopping at the next step boundary, after a checkpoint "
-                    "(send it again to stop at once)", signal.Signals(signal_number).name)
-
-  def _restore_handlers(self):
-    for signal_number, handler in self._previous.items():
-      # None: a handler not installed from Python; the default is the closest stand-in.
-      signal.signal(signal_number, signal.SIG_DFL if handler is None else handler)
-    self._previous = {}
-
-  def __exit__(self, *exc_info):
-    self._restore_handlers()
-
-
-class _StepLossLog:
-  """`{"step": s, "loss": x}` per training step, in a JSON-lines file.
-
-  Opening the log keeps only the records of the steps before `first_step`, the step the
-  run continues from: a restarted run repeats the steps after its checkpoint, and a killed
-  one may have left a partial last line. On a local disk records are appended and each is
-  flushed as it is written. Other filesystems cannot append in place (a GCS object is
-  written whole), so there the log is kept in memory and rewritten, atomically, at
-  checkpoints and at the end. With no path, nothing is written.
-  """
-
-  def __init__(self, path, first_step):
-    self.path = path
-    self.first_step = first_step
-    self.append_in_place = not storage.has_scheme(path)
-    self._records = []
-    self._file = None
-
-  def __enter__(self):
-    if self.path:
-      kept = self._records_before(self.first_step)
-      if self.append_in_place:
-        self._file = tf.io.gfile.GFile(self.path, "a")
-      else:
-        self._records = kept
-    return self
-
-  def _records_before(self, step):
-    """The file's complete records of the steps before `step`; rewrites it if it held more."""
-    if not tf.io.gfile.exists(self.path):
-      return []
-    lines = storage.read_text(self.path).splitlines(keepends=True)
-    kept = []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except ValueError:  # the partial last line of a killed run
-        break
-      if not line.endswith("\n") or record["step"] >= step:
-        break
-      kept.append(line)
-    if len(kept) < len(lines):
-      storage.write_atomically(self.path, "".join(kept))
-    return kept
-
-  def write(self, step, loss, skipped=False):
-    """Records one step; `loss` None for a non-finite one."""
-    if not self.path:
-      return
-    record = {"step": step, "loss": None if loss is None else float(loss)}
-    if skipped:
-      record["skipped"] = True
-    line = json.dumps(record) + "\n"
-    if self.append_in_place:
-      self._file.write(line)
-      self._file.flush()
-    else:
-      self._records.append(line)
-
-  def flush(self):
-    if self.path and not self.append_in_place:
-      storage.write_atomically(self.path, "".join(self._records))
-
-  def __exit__(self, *exc_info):
-    if self._file is not None:
-      self._file.close()
-    self.flush()
 
 
 def _flatten_with_paths(nested, prefix=""):
