@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -33,6 +34,7 @@ from meliad_tf.training import gin_setup
 from meliad_tf.training import step_losses
 from meliad_tf.training import steps
 from meliad_tf.training import trainer as trainer_lib
+from meliad_tf.training import workdir_lock
 from meliad_tools import export as export_tool
 
 FILES = ["base_htrans.gin", "size/tiny_test.gin"]
@@ -845,3 +847,86 @@ def test_table_rows_and_tests_match():
   tests.discard("cli")
   tests.discard("table_rows_and_tests_match")
   assert set(ids) == tests | set(CLI_CASES)
+
+
+def test_all_steps_skipped(tmp_path):
+  """A run whose every step is skipped no longer learns: it stops with an error."""
+  workdir = str(tmp_path / "workdir")
+  expect_error(r"the last 3 steps, up to step 4, were all skipped .* the run no longer learns; "
+               r"stopping. The last good checkpoint, .*ckpt-4, is kept",
+               HUGE_LEARNING_RATE, "Trainer.skip_nonfinite_steps = True",
+               "Trainer.max_consecutive_skipped_steps = 3", "Trainer.num_steps = 30",
+               "Trainer.checkpoint_every_steps = 1", workdir=workdir)
+  # Skipped steps leave the parameters as they were: the checkpoint holds finite ones.
+  reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(workdir))
+  for name in reader.get_variable_to_shape_map():
+    if name.startswith("model/"):
+      assert np.isfinite(reader.get_tensor(name)).all(), name
+
+
+def test_gin_file_includes_itself(workdir, tmp_path):
+  looping = tmp_path / "loop.gin"
+  looping.write_text(f"include '{looping}'\nTrainer.num_steps = 5\n")
+  before = snapshot(workdir)
+  expect_error(f"gin file {looping} includes itself, directly or through the files it "
+               "includes", workdir=workdir, files=[str(looping)])
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("binding", ["TransformerTaskConfig.sequence_length = 1000000000",
+                                     "TransformerTaskConfig.batch_size = 1000000"])
+def test_sizes_too_large_for_memory(binding, workdir):
+  before = snapshot(workdir)
+  expect_error(r"training this configuration needs about [0-9.e+]+ GiB \(parameters .*, "
+               r"activations .*\) .* but this machine has [0-9.]+ GiB of memory available",
+               binding, workdir=workdir)
+  assert snapshot(workdir) == before
+
+
+def test_no_workdir(caplog):
+  caplog.set_level("WARNING")
+  run_training("Trainer.num_steps = 1")
+  assert "no --workdir: nothing of this run (checkpoints, summaries, config) will be saved" in (
+      caplog.text)
+
+
+def test_events_disk_full(tmp_path, monkeypatch):
+  """The event file's disk fills (a stub): the run says so and saves a checkpoint."""
+  workdir = str(tmp_path / "workdir")
+  scalar = tf.summary.scalar
+
+  def full_after_two_steps(name, data, step=None, **kwargs):
+    if step is not None and step >= 2:
+      raise tf.errors.ResourceExhaustedError(
+          None, None, f"{workdir}/events.out.tfevents.1; No space left on device")
+    return scalar(name, data, step=step, **kwargs)
+
+  monkeypatch.setattr(tf.summary, "scalar", full_after_two_steps)
+  expect_error(rf"could not write TensorBoard events in {workdir}: .*No space left on device. "
+               rf"Saved {workdir}/checkpoints/ckpt-3; make room and run the same command",
+               "Trainer.num_steps = 10", "Trainer.log_every_steps = 1",
+               "Trainer.checkpoint_every_steps = 100", workdir=workdir)
+  assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(workdir)) == 3
+
+
+def test_resume_with_another_num_steps(workdir, caplog):
+  """The schedule's horizon follows num_steps unless max_scheduled_steps is set: it moves."""
+  caplog.set_level("WARNING")
+  run_training("Trainer.num_steps = 5", "Trainer.checkpoint_every_steps = 1",
+               "Trainer.max_checkpoints_to_keep = 2", "Trainer.max_scheduled_steps = 0",
+               workdir=workdir)
+  assert ("the learning-rate schedule's horizon was 100 steps for the 3 steps already run "
+          "and is 5 from now on") in caplog.text
+
+
+def test_workdir_in_use(workdir):
+  """Another run, on another host, holds the workdir's lock and is alive (a fresh heartbeat)."""
+  holder = {"run": "f00d", "host": "elsewhere", "pid": 1, "started": time.time(),
+            "heartbeat": time.time()}
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
+    json.dump(holder, f)
+  before = snapshot(workdir)
+  expect_error(r"is in use by run f00d \(host elsewhere, pid 1, .*last heartbeat \d+ s ago\); "
+               r"nothing was written.*start with --force", *SAVED, "Trainer.num_steps = 5",
+               workdir=workdir)
+  assert snapshot(workdir) == before

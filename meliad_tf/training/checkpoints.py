@@ -287,10 +287,13 @@ class CheckpointKeeper:
     workdir: where checkpoints go; "" disables saving.
     max_to_keep: how many checkpoints to keep (Meliad keeps 1); more lets a restore fall
       back to an older one when the newest is unreadable.
+    guard: called before anything is written (raises to stop the write), e.g. the check
+      that this run still holds the workdir's lock.
   """
 
-  def __init__(self, contents, workdir, max_to_keep=1):
+  def __init__(self, contents, workdir, max_to_keep=1, guard=None):
     self.contents = contents
+    self.guard = guard
     self.workdir = workdir
     self.is_chief = distribution.is_chief(contents.strategy)
     self.directory = os.path.join(workdir, CHECKPOINT_DIRECTORY) if workdir else ""
@@ -329,6 +332,8 @@ class CheckpointKeeper:
     if self.directory:
       paths, indexed = checkpoint_candidates(self.directory)
       if self.is_chief and tf.io.gfile.isdir(self.directory):
+        if self.guard is not None:
+          self.guard()
         remove_unfinished_writes(self.directory, paths if indexed else None)
       if paths:
         self._check_signature_files(self.workdir, resume=True)
@@ -463,6 +468,8 @@ class CheckpointKeeper:
     if not self.is_chief:
       self.saved_step = step
       return path
+    if self.guard is not None:
+      self.guard()
     try:
       storage.write_atomically(
           os.path.join(self.workdir, SIGNATURE_FILE),

@@ -47,7 +47,11 @@ def parse(gin_files, gin_params=(), search_paths=()):
     # One source at a time, so that a syntax error names its file or binding.
     for gin_file in gin_files:
       with _naming_syntax_errors(f"gin file {gin_file}"):
-        gin.parse_config_file(gin_file)
+        try:
+          gin.parse_config_file(gin_file)
+        except RecursionError:
+          raise ValueError(f"gin file {gin_file} includes itself, directly or through the "
+                           "files it includes (an include cycle)") from None
     for binding in gin_params:
       with _naming_syntax_errors(f"--gin_param {binding!r}"):
         gin.parse_config(binding)

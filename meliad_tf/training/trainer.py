@@ -22,7 +22,9 @@ others' next collective fail (TensorFlow's coordination service notices the miss
 heartbeats within seconds), and they stop with `WorkerLostError`.
 """
 
+import contextlib
 import os
+import re
 import signal
 
 from absl import logging
@@ -33,6 +35,7 @@ import tensorflow as tf
 import pipelines
 from meliad_tf.training import checkpoints
 from meliad_tf.training import distribution
+from meliad_tf.model import footprint
 from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import schedules
@@ -40,6 +43,7 @@ from meliad_tf.training import state as state_lib
 from meliad_tf.training import step_losses as step_losses_lib
 from meliad_tf.training import steps as steps_lib
 from meliad_tf.training import stopping
+from meliad_tf.training import workdir_lock
 from meliad_tf.common import storage
 from meliad_tf.training import summaries
 
@@ -75,7 +79,8 @@ class WorkerLostError(RuntimeError):
 
 # What bad input (configuration, data, workdir, disk) raises from Trainer.build and
 # Trainer.train; meliad-train prints their message without a traceback.
-USER_ERRORS = (ValueError, OSError, NonFiniteLossError, WorkerLostError)
+USER_ERRORS = (ValueError, OSError, NonFiniteLossError, WorkerLostError,
+               workdir_lock.WorkdirLockedError)
 # What a collective raises when a peer host is gone: the coordination service reports the
 # missing heartbeats (Unavailable), or the peer's connection breaks (Aborted, Cancelled,
 # DeadlineExceeded).
@@ -125,6 +130,10 @@ class Trainer:
       filesystems (a bucket) at checkpoints and at the end.
     steps_per_loop: training steps per call of the compiled training function (a loop in
       the graph, as Orbit's `use_tf_while_loop`); fewer where periodic work comes sooner.
+    max_consecutive_skipped_steps: with `skip_nonfinite_steps`, the run stops with
+      NonFiniteLossError after this many skipped steps in a row (it no longer learns).
+    workdir_lock_stale_seconds: another run's lock on the workdir whose heartbeat is older
+      than this is taken over (see `workdir_lock`).
   """
 
   def __init__(self, model_definition=model_lib.DecoderOnlyLanguageModel, num_steps=250_000,
@@ -138,7 +147,8 @@ class Trainer:
                rng_key_names=("dropout", "sample"), random_seed=42, replicate_mode=True,
                trace_debug_mode=False, print_variables=False, jit_compile=True,
                max_checkpoints_to_keep=1, skip_nonfinite_steps=False, record_step_losses=False,
-               steps_per_loop=1):
+               steps_per_loop=1, max_consecutive_skipped_steps=10,
+               workdir_lock_stale_seconds=600):
     del rng_key_names, replicate_mode  # Dropout seeds are derived from (random_seed, step).
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps),
                         ("status_every_steps", status_every_steps),
@@ -149,7 +159,8 @@ class Trainer:
                         ("parameter_metrics_every_steps", parameter_metrics_every_steps),
                         ("random_seed", random_seed),
                         ("max_checkpoints_to_keep", max_checkpoints_to_keep),
-                        ("steps_per_loop", steps_per_loop)):
+                        ("steps_per_loop", steps_per_loop),
+                        ("max_consecutive_skipped_steps", max_consecutive_skipped_steps)):
       if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Trainer.{name} must be an integer, got {value!r}")
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps)):
@@ -169,8 +180,13 @@ class Trainer:
     if max_checkpoints_to_keep < 1:
       raise ValueError(f"Trainer.max_checkpoints_to_keep must be >= 1, got "
                        f"{max_checkpoints_to_keep}")
-    if steps_per_loop < 1:
-      raise ValueError(f"Trainer.steps_per_loop must be >= 1, got {steps_per_loop}")
+    for name, value in (("steps_per_loop", steps_per_loop),
+                        ("max_consecutive_skipped_steps", max_consecutive_skipped_steps)):
+      if value < 1:
+        raise ValueError(f"Trainer.{name} must be >= 1, got {value}")
+    if not workdir_lock_stale_seconds > 0:
+      raise ValueError(f"Trainer.workdir_lock_stale_seconds must be positive, got "
+                       f"{workdir_lock_stale_seconds!r}")
     self.model_definition = model_definition
     self.num_steps = num_steps
     self.status_every_steps = status_every_steps
@@ -197,6 +213,8 @@ class Trainer:
     self.skip_nonfinite_steps = skip_nonfinite_steps
     self.record_step_losses = record_step_losses
     self.steps_per_loop = steps_per_loop
+    self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+    self.workdir_lock_stale_seconds = workdir_lock_stale_seconds
 
   # ---------------------------------------------------------------------------------------
   # Building
@@ -208,6 +226,8 @@ class Trainer:
     tf.random.set_seed(self.random_seed)
     with self.strategy.scope():
       self.model = self.model_definition()
+    self._check_memory()
+    with self.strategy.scope():
       self.optimizer = self.optimizer_config.create()
       self.params = list(self.model.trainable_variables)
       self.optimizer.build(self.params)
@@ -253,6 +273,23 @@ class Trainer:
         skip_nonfinite_steps=self.skip_nonfinite_steps, jit_compile=self.jit_compile,
         eager=self.trace_debug_mode)
     return self
+
+  def _check_memory(self):
+    """Refuses, before the optimizer, the states and the data are made, a configuration
+    whose training needs more memory than the host has (checked where the steps run on the
+    host's CPU; an accelerator's memory is its own)."""
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+      return
+    config = self.model.task_config
+    host_streams = config.batch_size * distribution.local_replica_count(self.strategy)
+    needed = footprint.training_footprint(self.model, host_streams, config.sequence_length)
+    available = footprint.available_host_bytes()
+    if available is not None and needed.total > available:
+      raise ValueError(
+          f"training this configuration needs {needed.describe()} with "
+          f"{host_streams} streams of {config.sequence_length} tokens "
+          f"(TransformerTaskConfig.batch_size, sequence_length), but this machine has "
+          f"{available / 2**30:.3g} GiB of memory available; use smaller sizes")
 
   def _dataset(self, split, seed, context):
     return pipelines.load_text_dataset(
@@ -321,7 +358,7 @@ class Trainer:
   # ---------------------------------------------------------------------------------------
   # The loop
 
-  def train(self, workdir, load_dir=""):
+  def train(self, workdir, load_dir="", force=False):
     """Trains to `num_steps`; returns the metrics of the last test cycle (or None).
 
     SIGTERM (a preemption notice) or SIGINT stops the run at the next step boundary: it
@@ -334,12 +371,14 @@ class Trainer:
       workdir: checkpoints, TensorBoard summaries and config.gin ("" for none); any
         filesystem TensorFlow reads (`gs://...`). With several hosts, storage they share.
       load_dir: a workdir to start from when `workdir` has no checkpoint yet.
+      force: take the workdir's lock over from another run (one that is gone).
     Raises:
       NonFiniteLossError: a step's loss or gradients were not finite and
         `skip_nonfinite_steps` is off; nothing is saved after the last good step.
       TrainingInterrupted: after SIGTERM or SIGINT, once the checkpoint is written.
       DataError: the input pipeline failed on the data.
       WorkerLostError: another host stopped answering.
+      workdir_lock.WorkdirLockedError: another run holds the workdir (or took it over).
       checkpoints.IncompatibleCheckpointError, checkpoints.UnreadableCheckpointError: the
         workdir (or load_dir) holds a checkpoint this run cannot continue from.
       checkpoints.CheckpointWriteError: a checkpoint could not be written; the previous
@@ -348,7 +387,7 @@ class Trainer:
     if workdir and tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
       raise ValueError(f"the workdir {workdir} is a file, not a directory")
     try:
-      return self._train(workdir, load_dir)
+      return self._train(workdir, load_dir, force)
     except _PEER_FAILURES as e:
       if distribution.num_hosts(self.strategy) == 1:
         raise
@@ -357,20 +396,62 @@ class Trainer:
           f"{_without_graph_context(e.message).split('. ')[0]}. Start every host again with "
           "the same command to continue from the last checkpoint") from e
 
-  def _train(self, workdir, load_dir):
-    self.checkpoints = self.checkpoint_keeper(workdir)
-    # Only the chief writes the workdir; the other hosts read its checkpoints.
+  def _train(self, workdir, load_dir, force):
+    # Only the chief writes the workdir (and holds its lock); the other hosts read it.
     own_workdir = workdir if self.is_chief else ""
-    with stopping.StopRequests() as stop_requests:
+    if not workdir and self.is_chief:
+      logging.warning("no --workdir: nothing of this run (checkpoints, summaries, config) "
+                      "will be saved")
+    lock = (workdir_lock.WorkdirLock(own_workdir, force=force,
+                                     stale_seconds=self.workdir_lock_stale_seconds)
+            if own_workdir else contextlib.nullcontext())
+    with lock, stopping.StopRequests() as stop_requests:
+      guard = lock.check if own_workdir else None
+      self.checkpoints = self.checkpoint_keeper(workdir, guard=guard)
       if self.restore_checkpoints:
         self.checkpoints.restore(load_dir)
       if own_workdir:
-        storage.write_atomically(os.path.join(own_workdir, "config.gin"),
-                                 gin.operative_config_str())
+        config_path = os.path.join(own_workdir, "config.gin")
+        self._warn_if_the_schedule_moves(config_path)
+        guard()
+        storage.write_atomically(config_path, gin.operative_config_str())
       losses_path = (os.path.join(own_workdir, step_losses_lib.FILE_NAME)
                      if own_workdir and self.record_step_losses else "")
       with step_losses_lib.StepLossLog(losses_path, self.step) as step_losses:
-        return self._train_loop(own_workdir, stop_requests, step_losses)
+        try:
+          return self._train_loop(own_workdir, stop_requests, step_losses)
+        except summaries.SummaryWriteError as e:
+          raise summaries.SummaryWriteError(f"{e}. {self._save_after_failure()}") from e
+
+  def _save_after_failure(self):
+    """Saves a checkpoint after a failure that left the state sound; says what became of it."""
+    if not self.save_checkpoints or distribution.num_hosts(self.strategy) > 1:
+      # With several hosts the others are already in the next step's collectives.
+      return self._last_checkpoint_note()
+    try:
+      path = self.checkpoints.save()
+    except checkpoints.CheckpointWriteError as e:
+      return f"The checkpoint could not be saved either: {e}"
+    return (f"Saved {path}; make room and run the same command to continue" if path
+            else "Nothing was saved (no workdir)")
+
+  def _warn_if_the_schedule_moves(self, config_path):
+    """Warns when a resumed run's learning-rate horizon differs from the one its steps so far
+    followed (Trainer.max_scheduled_steps, or num_steps when 0)."""
+    if not self.step or not tf.io.gfile.exists(config_path):
+      return
+    text = storage.read_text(config_path)
+    settings = {name: int(value) for name, value in re.findall(
+        r"^Trainer\.(num_steps|max_scheduled_steps) = (\d+)$", text, re.MULTILINE)}
+    if "num_steps" not in settings:
+      return
+    horizon = settings.get("max_scheduled_steps") or settings["num_steps"]
+    if horizon != self.max_scheduled_steps:
+      logging.warning(
+          "the learning-rate schedule's horizon was %d steps for the %d steps already run and "
+          "is %d from now on (Trainer.max_scheduled_steps, or Trainer.num_steps when it is "
+          "0): the schedule jumps at step %d. Set Trainer.max_scheduled_steps = %d to keep "
+          "it", horizon, self.step, self.max_scheduled_steps, self.step, horizon)
 
   def _periodic_work_after(self, step):
     """Whether summaries, a test cycle or a checkpoint come after training step `step`."""
@@ -396,7 +477,7 @@ class Trainer:
     progress = summaries.Progress(self.step, self.num_steps, tokens_per_step)
     accumulated = summaries.Accumulator()
     test_metrics, last_test_step = None, None
-    skipped_steps = 0
+    skipped_steps = skipped_in_a_row = 0
     while self.step < self.num_steps:
       first = self.step
       hosts, metrics, voted = self.train_steps(self._steps_in_next_call(first),
@@ -407,10 +488,18 @@ class Trainer:
                           skipped=not finite and self.skip_nonfinite_steps)
         if finite:
           accumulated.add(step_metrics)
+          skipped_in_a_row = 0
         elif self.skip_nonfinite_steps:
           skipped_steps += 1
+          skipped_in_a_row += 1
           logging.warning("step %d skipped: the training loss (%s) or a gradient is not "
                           "finite", step, step_metrics["loss"])
+          if skipped_in_a_row >= self.max_consecutive_skipped_steps:
+            raise NonFiniteLossError(
+                f"the last {skipped_in_a_row} steps, up to step {step}, were all skipped "
+                "(their loss or gradients were not finite): the run no longer learns; "
+                f"stopping. {self._last_checkpoint_note()} Lower the learning rate, or raise "
+                "Trainer.max_consecutive_skipped_steps")
         else:
           raise NonFiniteLossError(
               f"the training loss ({step_metrics['loss']}) or a gradient is not finite at "
@@ -492,12 +581,13 @@ class Trainer:
     if workdir:
       logging.info("TensorBoard: tensorboard --logdir=%s", workdir)
 
-  def checkpoint_keeper(self, workdir, max_to_keep=None):
+  def checkpoint_keeper(self, workdir, max_to_keep=None, guard=None):
     """A `CheckpointKeeper` of this run's checkpoints in `workdir`.
 
     Args:
       workdir: the run's workdir ("" for none).
       max_to_keep: checkpoints kept; None: Trainer.max_checkpoints_to_keep.
+      guard: see `CheckpointKeeper`.
     """
     contents = checkpoints.Contents(
         strategy=self.strategy, model=self.model, optimizer=self.optimizer,
@@ -506,7 +596,7 @@ class Trainer:
         parameter_summary=self.parameter_summary, data_signature=self.data_signature,
         restore_state_variables=self.restore_state_variables)
     return checkpoints.CheckpointKeeper(contents, workdir,
-                                        max_to_keep or self.max_checkpoints_to_keep)
+                                        max_to_keep or self.max_checkpoints_to_keep, guard)
 
   def data_signature(self):
     """What the checkpointed data iterators read; a resume must read the same."""
