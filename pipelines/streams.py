@@ -92,8 +92,11 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
   def segment(document):
     text, document_id = document["text"], document["document_id"]
     if verbose:
-      tf.print("INFO text_dataset: reading document", document_id, ":",
-               tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"), output_stream=sys.stderr)
+      tf.cond(document["first_piece"],
+              lambda: tf.print("INFO text_dataset: reading document", document_id, ":",
+                               tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"),
+                               output_stream=sys.stderr),
+              tf.no_op)
     tokens = vocab.encode_tf(text, document_id, source_name)  # [n]
     num_tokens = tf.size(tokens)
     num_segments = (num_tokens + length - 1) // length
@@ -109,7 +112,7 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
     predicted_int = tf.cast(predicted, tf.int32)
     return {
         "targets": targets,
-        "start_of_sequence": tf.range(num_segments) == 0,
+        "start_of_sequence": (tf.range(num_segments) == 0) & document["first_piece"],
         "epoch": tf.fill([num_segments], document["epoch"]),
         "loss_mask": mask,
         "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
@@ -119,6 +122,31 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
     }
 
   return segment
+
+
+# Bytes of text tokenized at once where a vocabulary allows pieces (about a megabyte).
+PIECE_BYTES = 1 << 20
+
+
+def _pieces(vocab: vocabularies.Vocabulary, sequence_length: int, masked: bool):
+  """A function from one document to the pieces it is tokenized in, each with `first_piece`.
+
+  A byte vocabulary tokenizes every byte alone, so a long document is cut into pieces of a
+  whole number of segments (about PIECE_BYTES), and a book of any length takes bounded
+  memory. Other vocabularies (SentencePiece's pieces span bytes), and a loss mask (found
+  over the whole document), take the document whole.
+  """
+  if not vocab.one_token_per_byte or masked:
+    return lambda document: tf.data.Dataset.from_tensors(dict(document, first_piece=True))
+  size = sequence_length * max(1, PIECE_BYTES // sequence_length)
+
+  def pieces(document):
+    starts = tf.range(0, tf.maximum(tf.strings.length(document["text"]), 1), size)
+    return tf.data.Dataset.from_tensor_slices(starts).map(lambda start: dict(
+        document, text=tf.strings.substr(document["text"], start, size),
+        first_piece=tf.equal(start, 0)))
+
+  return pieces
 
 
 def _empty_segment(sequence_length: int) -> Dict[str, tf.Tensor]:
@@ -190,12 +218,14 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
   def keep_fields(segments):
     return {key: segments[key] for key in fields}
 
+  pieces = _pieces(vocab, sequence_length, bool(mask_tokens[0]))
+
   def stream_segments(stream):
     documents = _document_order(source, split, training, seed, total_streams,
                                 first_stream + stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
     # off the critical path of the batch; symbolic checkpoints do not save that buffer.
-    segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()
+    segments = documents.flat_map(pieces).map(segment).map(keep_fields).prefetch(1).unbatch()
     if not training:
       empty = keep_fields(_empty_segment(sequence_length))
       segments = segments.map(lambda s: dict(s, real=True)).concatenate(

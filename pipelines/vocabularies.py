@@ -37,10 +37,13 @@ class Vocabulary(abc.ABC):
   Attributes:
     kind: "bytes", "raw_bytes" or "sentencepiece".
     vocab_size: number of ids; every id is in [0, vocab_size).
+    one_token_per_byte: each byte of the text is one token whatever surrounds it, so a
+      document may be tokenized in pieces cut anywhere.
   """
 
   kind: str
   vocab_size: int
+  one_token_per_byte = False
 
   @abc.abstractmethod
   def encode_tf(self, text: tf.Tensor, document_id: tf.Tensor, source_name: str) -> tf.Tensor:
@@ -87,6 +90,8 @@ class ByteVocabulary(Vocabulary):
   Any byte string is encodable, so text that is not valid UTF-8 keeps its bytes.
   """
 
+  one_token_per_byte = True
+
   kind = "bytes"
   num_special = 3
   vocab_size = 256 + num_special
@@ -110,6 +115,8 @@ class RawByteVocabulary(Vocabulary):
   Byte 0 would collide with padding, so a document holding it is an error that names the
   source and the document.
   """
+
+  one_token_per_byte = True
 
   kind = "raw_bytes"
   vocab_size = 256

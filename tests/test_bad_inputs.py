@@ -350,7 +350,8 @@ def test_unreadable_data_file(tmp_path):
 
 
 def test_byte_zero_under_raw_bytes(tmp_path):
-  data = write_documents(str(tmp_path / "data"), [b"abc\x00def\n"] * 3)
+  # Past the first 8 KiB, where a NUL byte would have marked the file as binary.
+  data = write_documents(str(tmp_path / "data"), [b"abc" * 3000 + b"\x00def\n"] * 3)
   before = snapshot(data)
   configure(f"TransformerTaskConfig.dataset_name = 'files_raw_bytes:{data}/*.txt'",
             "Trainer.num_steps = 1")
@@ -394,18 +395,17 @@ def test_undecodable_text_with_sentencepiece(tmp_path, capfd):
 
 
 def test_huge_single_line_file(tmp_path):
-  line = (b"0123456789abcdef" * (1 << 19))  # 8 MiB, no newline
-  data = write_documents(str(tmp_path / "data"), [line])
+  """Tokenized in pieces of whole segments (bounded memory), read back as one document."""
+  line = bytes(np.random.default_rng(0).integers(33, 127, size=(5 << 19) + 77, dtype=np.uint8))
+  data = write_documents(str(tmp_path / "data"), [line])  # 2.5 MiB, no newline: 3 pieces
   before = snapshot(data)
   task = pipelines.get_task(f"files_bytes:{data}/*.txt")
-  length = 4096
-  batches = iter(pipelines.load_text_dataset(task, "train", sequence_length=length,
-                                             batch_size=1, training=True))
-  first, second = next(batches), next(batches)
-  assert bool(first["start_of_sequence"][0]) and not bool(second["start_of_sequence"][0])
-  joined = task.vocabulary.decode_bytes(
-      np.concatenate([first["targets"][0], second["targets"][0]]).tolist())
-  assert joined == line[:2 * length]
+  batches = list(pipelines.load_text_dataset(task, "train", sequence_length=4096,
+                                             batch_size=1, training=False))
+  starts = [bool(batch["start_of_sequence"][0]) for batch in batches]
+  assert starts == [True] + [False] * (len(batches) - 1)
+  tokens = np.concatenate([batch["targets"][0] for batch in batches])
+  assert task.vocabulary.decode_bytes(tokens.tolist()) == line
   assert snapshot(data) == before
 
 
@@ -768,7 +768,7 @@ def test_saved_model_wrong_shape(exported):
 
 def test_saved_model_token_out_of_range(exported):
   _assert_signature_error(exported, tf.errors.InvalidArgumentError,
-                          r"score: token ids must be in \[0, 256\)",
+                          r"score: token ids must be in \[0, 256\), ids of the vocabulary",
                           tf.fill([1, 256], 300), STARTS)
 
 
@@ -930,3 +930,18 @@ def test_workdir_in_use(workdir):
                r"nothing was written.*start with --force", *SAVED, "Trainer.num_steps = 5",
                workdir=workdir)
   assert snapshot(workdir) == before
+
+
+def test_binary_files_in_a_glob(tmp_path, caplog):
+  """A glob that also catches binary files: they are skipped, by name, and the text read."""
+  texts = [b"print('hello')\n", b"import os\n", b"x = 1\n"]
+  data = write_documents(str(tmp_path / "data"), texts)
+  for name in ("image.png", "module.pyc"):
+    with open(os.path.join(data, name), "wb") as f:
+      f.write(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10)
+  caplog.set_level("WARNING")
+  source = pipelines.make_source(f"files:{data}/*")
+  assert "skipped 2 binary files (a NUL byte in their first 8192 bytes): image.png, module.pyc" in (
+      caplog.text)
+  names = [n for split in ("train", "validation", "test") for n in source.document_names(split)]
+  assert len(names) == len(texts) and not any(n.endswith((".png", ".pyc")) for n in names)

@@ -374,3 +374,13 @@ def test_a_memory_searched_on_the_host_scores_in_process_but_is_not_exported(tmp
     export.export(export.ScoringModule(model, 2, vocabulary), str(tmp_path / "model"),
                   vocabulary=vocabulary, config_text="", task_name="synthetic", step=0)
   assert os.listdir(tmp_path) == []
+
+
+def test_score_refuses_ids_the_embedding_has_but_the_vocabulary_does_not(clean_gin):
+  """An embedding of 300 rows for the 256 raw bytes: ids 256..299 are no text's tokens."""
+  tiny_run.configure("NUM_EMBEDDINGS = 300", "TransformerTaskConfig.sequence_length = 16")
+  model = model_lib.DecoderOnlyLanguageModel(output_token_losses=True)
+  module = export.ScoringModule(model, 1, pipelines.RawByteVocabulary())
+  module.score(tf.fill([1, 16], 255), tf.constant([True]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"must be in \[0, 256\)"):
+    module.score(tf.fill([1, 16], 280), tf.constant([True]))

@@ -150,7 +150,9 @@ class ScoringModule(tf.Module):
     self.model = model
     self.batch_size = batch_size
     self.sequence_length = model.task_config.sequence_length
-    self.vocab_size = model.vocab_size
+    # Ids the vocabulary can produce; the embedding may have more rows (Meliad's 32128
+    # for T5's 32100 pieces), which no text maps to.
+    self.vocab_size = vocabulary.vocab_size
     self.state = state_lib.StreamState(model.state_spec, batch_size, mode="scoring")
     # Streams whose next `score` starts a document: all of them in a new (or newly loaded)
     # module, and those given to `reset`.
@@ -194,7 +196,7 @@ class ScoringModule(tf.Module):
     }
 
   def _score(self, tokens, start_of_sequence):
-    message = f"score: token ids must be in [0, {self.vocab_size})"
+    message = f"score: token ids must be in [0, {self.vocab_size}), ids of the vocabulary"
     checks = [tf.debugging.assert_non_negative(tokens, message=message),
               tf.debugging.assert_less(tokens, self.vocab_size, message=message)]
     with tf.control_dependencies(checks):

@@ -91,7 +91,7 @@ def test_iterator_checkpoint_holds_positions_not_text(tmp_path, training):
   assert abs(sizes[1] - sizes[0]) < 1_000, sizes
 
 
-def test_checkpoint_grows_by_under_2_kb_per_stream(stdlib_source, tmp_path):
+def test_checkpoint_grows_by_under_3_kb_per_stream(stdlib_source, tmp_path):
   sizes = {}
   for batch_size in (2, 16):
     task = pipelines.Task("stdlib", stdlib_source, pipelines.ByteVocabulary())
@@ -99,7 +99,7 @@ def test_checkpoint_grows_by_under_2_kb_per_stream(stdlib_source, tmp_path):
     directory = tmp_path / f"{batch_size}"
     directory.mkdir()
     sizes[batch_size] = _checkpoint_bytes(dataset, skip=3, directory=directory)
-  assert (sizes[16] - sizes[2]) / 14 < 2_000, sizes
+  assert (sizes[16] - sizes[2]) / 14 < 3_000, sizes
 
 
 def test_serialized_iterator_state_restores_into_a_fresh_pipeline(stdlib_source):

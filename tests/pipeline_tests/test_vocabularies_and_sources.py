@@ -20,7 +20,7 @@ def test_byte_vocabulary_shifts_by_three_and_keeps_undecodable_bytes():
 def test_raw_byte_vocabulary_passes_bytes_and_rejects_byte_zero(tmp_path):
   vocab = pipelines.RawByteVocabulary()
   assert vocab.vocab_size == 256 and vocab.encode(b"Az") == [65, 122]
-  (tmp_path / "nul.bin").write_bytes(b"a\x00b")
+  (tmp_path / "nul.bin").write_bytes(b"a" * 9000 + b"\x00b")  # not sniffed as binary
   task = pipelines.get_task(f"files_raw_bytes:{tmp_path}/*.bin")
   split = pipelines.hash_split("nul.bin")
   dataset = pipelines.load_text_dataset(task, split, sequence_length=8, batch_size=1, training=False)
