@@ -339,6 +339,19 @@ def test_every_family_scores_alike_after_reload_and_resets_to_a_document_start(n
   segments = tf.random.stateless_uniform([2, 3, 16], [5, 6], 1, 256, tf.int32).numpy()
   scored = np.stack([o["log_probs"] for o in score_segments(loaded, segments)], axis=1)
   np.testing.assert_allclose(scored, naive_log_probs(model, segments), rtol=RTOL, atol=ATOL)
+  # The stateless signature, the state carried by the caller, gives the same; and
+  # serving_default is score.
+  state = {key.replace("new_state__", "state__"): value
+           for key, value in loaded.signatures["initial_state"]().items()}
+  for index in range(segments.shape[1]):
+    outputs = loaded.signatures["score_segment"](
+        tokens=tf.constant(segments[:, index]),
+        start_of_sequence=tf.constant([index == 0] * 2), **state)
+    np.testing.assert_allclose(outputs["log_probs"], scored[:, index], rtol=RTOL, atol=ATOL)
+    state = {key.replace("new_state__", "state__"): value for key, value in outputs.items()
+             if key.startswith("new_state__")}
+  assert loaded.signatures["serving_default"].structured_outputs.keys() == {
+      "log_probs", "predictions", "loss", "token_count"}
   # After a reset the stream starts afresh (the learned initial state, an empty memory),
   # whatever start_of_sequence says.
   loaded.reset(tf.constant([True, False]))
@@ -384,3 +397,4 @@ def test_score_refuses_ids_the_embedding_has_but_the_vocabulary_does_not(clean_g
   module.score(tf.fill([1, 16], 255), tf.constant([True]))
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"must be in \[0, 256\)"):
     module.score(tf.fill([1, 16], 280), tf.constant([True]))
+

@@ -6,6 +6,7 @@ import os
 import gin
 import numpy as np
 import pytest
+from tensorboard.plugins.hparams import plugin_data_pb2
 import tensorflow as tf
 
 from meliad_tf.training import checkpoints
@@ -172,3 +173,24 @@ def test_test_loss_is_the_mean_over_the_cycle_of_each_steps_summed_loss(tmp_path
   (step, logged), = plots.read_scalars(str(tmp_path))["test/loss"]
   assert step == 0
   np.testing.assert_allclose(logged, total / 3, rtol=1e-5)
+
+
+def test_the_run_records_its_config_and_hyperparameters(tmp_path):
+  """As Meliad writes it, the operative config as a text summary; and TensorBoard's HParams."""
+  trainer = build("Trainer.num_steps = 1", "Trainer.test_every_steps = 0")
+  trainer.train(str(tmp_path))
+  tags = {}
+  for path in tf.io.gfile.glob(str(tmp_path / "events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        tags[value.tag] = value
+  config = tf.make_ndarray(tags["config"].tensor).item().decode()
+  assert "Trainer.num_steps = 1" in config and "NUM_LAYERS = 1" in config
+  assert tags["config"].metadata.plugin_data.plugin_name == "text"
+  session = tags["_hparams_/session_start_info"]
+  assert session.metadata.plugin_data.plugin_name == "hparams"
+  content = plugin_data_pb2.HParamsPluginData.FromString(session.metadata.plugin_data.content)
+  hparams = content.session_start_info.hparams
+  assert hparams["num_layers"].number_value == 1
+  assert hparams["dataset"].string_value == "synthetic"

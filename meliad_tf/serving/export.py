@@ -10,6 +10,13 @@ SentencePiece vocabulary needs `import tensorflow_text` before loading, for its 
   argmax of the next-token distribution; "loss": the summed negative log-likelihood;
   "token_count": the predicted tokens}. The per-stream state (XL caches, and memories or
   recurrent states for those families) lives in variables and carries over between calls.
+  `serving_default` is `score`.
+* `score_segment(tokens, start_of_sequence, state__<path>...)` -> the outputs of `score`
+  and `new_state__<path>...`: the same computation with the state as explicit tensors in
+  and out (one per state tensor, its path in `metadata.json`'s "state" with "/" written
+  "__"), for servers that keep no state between requests: the caller keeps each stream's
+  state and sends it back with the stream's next segment. `initial_state()` gives the
+  state of B new streams (zeros; a stream's first segment has `start_of_sequence` True).
 * `reset(streams bool [B])` and `reset_all()`: forget the given (all) streams. The next
   `score` treats them as starting a document whatever its `start_of_sequence` says, as it
   does for every stream of a freshly loaded SavedModel.
@@ -165,6 +172,17 @@ class ScoringModule(tf.Module):
     self.score = tf.function(self._score, input_signature=[
         tf.TensorSpec([batch_size, self.sequence_length], tf.int32, name="tokens"),
         tf.TensorSpec([batch_size], tf.bool, name="start_of_sequence")])
+    # The state as explicit tensors, for servers that keep no state between requests.
+    self.state_names = [name for name, _ in _flatten(model.state_spec(batch_size))]
+    state_specs = [tf.TensorSpec(spec.shape, spec.dtype, name=_state_input(name))
+                   for name, spec in _flatten(model.state_spec(batch_size))]
+    self._forward_stateless = steps.compile_step(
+        self._segment_with_state, jit_compile,
+        calls_host=bool(model.decoder.host_search_layers))
+    self.score_segment = tf.function(self._score_segment, input_signature=[
+        tf.TensorSpec([batch_size, self.sequence_length], tf.int32, name="tokens"),
+        tf.TensorSpec([batch_size], tf.bool, name="start_of_sequence"), *state_specs])
+    self.initial_state = tf.function(self._initial_state, input_signature=[])
     self.reset = tf.function(self._reset, input_signature=[
         tf.TensorSpec([batch_size], tf.bool, name="streams")])
     self.reset_all = tf.function(self._reset_all, input_signature=[])
@@ -201,6 +219,32 @@ class ScoringModule(tf.Module):
               tf.debugging.assert_less(tokens, self.vocab_size, message=message)]
     with tf.control_dependencies(checks):
       return self._forward(tf.identity(tokens), start_of_sequence)
+
+  def _segment_with_state(self, tokens, start_of_sequence, state):
+    batch = {"targets": tokens, "start_of_sequence": start_of_sequence}
+    _, metrics, new_state = self.model(batch, state, training=False)
+    outputs = {"log_probs": 0.0 - metrics["token_losses"],
+               "predictions": metrics["token_predictions"], "loss": metrics["loss"],
+               "token_count": metrics["token_count"]}
+    outputs.update({_state_output(name): value for name, value in _flatten(new_state)})
+    return outputs
+
+  def _score_segment(self, tokens, start_of_sequence, *state_values):
+    state = self._unflatten_state(state_values)
+    message = f"score_segment: token ids must be in [0, {self.vocab_size}), ids of the vocabulary"
+    checks = [tf.debugging.assert_non_negative(tokens, message=message),
+              tf.debugging.assert_less(tokens, self.vocab_size, message=message)]
+    with tf.control_dependencies(checks):
+      return self._forward_stateless(tf.identity(tokens), start_of_sequence, state)
+
+  def _initial_state(self):
+    return {_state_output(name): tf.zeros(spec.shape, spec.dtype)
+            for name, spec in _flatten(self.model.state_spec(self.batch_size))}
+
+  def _unflatten_state(self, values):
+    spec = self.model.state_spec(self.batch_size)
+    by_name = dict(zip(self.state_names, values))
+    return tf.nest.pack_sequence_as(spec, [by_name[name] for name, _ in _flatten(spec)])
 
   def _reset(self, streams):
     current = self.state.read()
@@ -291,8 +335,20 @@ def _write_assets(directory, vocabulary, config_text, meta):
   return paths
 
 
+def _state_input(name):
+  """A state tensor's name as an input of `score_segment`: "state__layer_0__keys"."""
+  return "state__" + name.replace("/", "__")
+
+
+def _state_output(name):
+  """A state tensor's name among the outputs of `score_segment` and `initial_state`."""
+  return "new_state__" + name.replace("/", "__")
+
+
 def _signatures(module):
-  signatures = {"score": module.score, "reset": module.reset, "reset_all": module.reset_all}
+  signatures = {"score": module.score, "serving_default": module.score,
+                "score_segment": module.score_segment, "initial_state": module.initial_state,
+                "reset": module.reset, "reset_all": module.reset_all}
   if module.generate_unsupported_reason is None:
     signatures["generate"] = module.generate
   return signatures

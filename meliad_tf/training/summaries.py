@@ -5,6 +5,7 @@ import os
 import time
 
 import numpy as np
+from tensorboard.plugins.hparams import api as hparams_api
 import tensorflow as tf
 
 from meliad_tf.model import language_model as model_lib
@@ -69,6 +70,18 @@ class SummaryWriter:
       return
     with writer.as_default():
       tf.summary.text(self._name(mode, name), text, step=step)
+
+  @_reporting_write_errors
+  def run_record(self, config_text, hyperparameters):
+    """The operative gin configuration as the text summary `config` (as Meliad writes it),
+    and the hyperparameters for TensorBoard's HParams dashboard, at step 0."""
+    writer = self._writer("")
+    if writer is None:
+      return
+    with writer.as_default():
+      # Markdown: a code block keeps the configuration's lines as they are.
+      tf.summary.text("config", "```\n" + config_text + "\n```", step=0)
+      hparams_api.hparams(hyperparameters)
 
   @_reporting_write_errors
   def parameter_statistics(self, model, step):

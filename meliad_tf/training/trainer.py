@@ -473,6 +473,8 @@ class Trainer:
   def _train_loop(self, workdir, stop_requests, step_losses):
     writer = summaries.SummaryWriter(workdir, self.use_separate_metric_directories)
     self._log_start(workdir)
+    if self.step == 0:
+      writer.run_record(gin.operative_config_str(), self.hyperparameters())
     tokens_per_step = self.global_batch_size * self.sequence_length
     progress = summaries.Progress(self.step, self.num_steps, tokens_per_step)
     accumulated = summaries.Accumulator()
@@ -597,6 +599,25 @@ class Trainer:
         restore_state_variables=self.restore_state_variables)
     return checkpoints.CheckpointKeeper(contents, workdir,
                                         max_to_keep or self.max_checkpoints_to_keep, guard)
+
+  def hyperparameters(self):
+    """The run's main settings, for TensorBoard's HParams dashboard."""
+    stack = self.model.decoder
+    layer = stack.layers[0]
+    values = {
+        "dataset": self.task_config.dataset_name, "num_layers": stack.num_layers,
+        "embed_dim": stack.embedding_size, "num_heads": layer.num_heads,
+        "head_dim": layer.head_size, "window_length": layer.window_length,
+        "sequence_length": self.sequence_length, "global_batch_size": self.global_batch_size,
+        "num_steps": self.num_steps, "warmup_steps": self.warmup_steps,
+        "learning_rate_schedule": getattr(self.learning_rate_schedule, "__name__",
+                                          str(self.learning_rate_schedule)),
+        "learning_rate_multiplier": float(self.learning_rate_multiplier),
+        "memory_layers": str(list(stack.memory_layer_indices)),
+        "recurrent_layers": str(list(stack.recurrent_layer_indices)),
+        "dtype": stack.dtype.name, "random_seed": self.random_seed,
+    }
+    return values
 
   def data_signature(self):
     """What the checkpointed data iterators read; a resume must read the same."""
