@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from meliad_tf.training import checkpoints
 from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup  # pylint: disable=unused-import  # Registers our configurables.
+from meliad_tf.training import gin_setup
 from meliad_tf.model import layer as layer_lib
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
@@ -502,9 +502,7 @@ def convert(meliad_workdir, output, gin_params=()):
                           "Meliad's TrainState")
   gin.clear_config()
   try:
-    gin.parse_config(translated)
-    for binding in gin_params:
-      gin.parse_config(binding)
+    gin_setup.parse([], [translated, *gin_params])
   except (ValueError, KeyError, SyntaxError) as e:
     raise ConversionError(f"the translated configuration does not parse: {e}") from e
   trainer = trainer_lib.Trainer().build()
