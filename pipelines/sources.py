@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from pipelines import records as records_lib
 
+
 # Buckets out of 100 of the stable hash of a document's name (train 90%, validation 5%, test 5%).
 HASH_SPLITS = (("train", 90), ("validation", 5), ("test", 5))
 SPLIT_NAMES = tuple(name for name, _ in HASH_SPLITS)

@@ -51,11 +51,17 @@ from pipelines import loss_mask as loss_mask_lib
 from pipelines import sources as sources_lib
 from pipelines import vocabularies
 
+
 # Fields of a batch, all [B] or [B, L]; document_id only where names are asked for.
 FIELDS = ("targets", "start_of_sequence", "epoch", "loss_mask", "num_chars", "nonzero_tokens",
           "document_index")
 NAME_FIELD = "document_id"
 _VERBOSE_CHARS = 60
+# The layout of the pipeline's operations, which a saved iterator must be restored into:
+# 1 tokenized every document whole; 2 tokenizes in pieces (see `_pieces`). A checkpoint saved
+# under layout 1 continues under layout 1 (`stream_batches(iterator_layout=1)`).
+ITERATOR_LAYOUT = 2
+ITERATOR_LAYOUTS = (1, 2)
 
 
 def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
@@ -91,8 +97,9 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
 
   def segment(document):
     text, document_id = document["text"], document["document_id"]
+    first_piece = document.get("first_piece", tf.constant(True))
     if verbose:
-      tf.cond(document["first_piece"],
+      tf.cond(first_piece,
               lambda: tf.print("INFO text_dataset: reading document", document_id, ":",
                                tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"),
                                output_stream=sys.stderr),
@@ -112,7 +119,7 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
     predicted_int = tf.cast(predicted, tf.int32)
     return {
         "targets": targets,
-        "start_of_sequence": (tf.range(num_segments) == 0) & document["first_piece"],
+        "start_of_sequence": (tf.range(num_segments) == 0) & first_piece,
         "epoch": tf.fill([num_segments], document["epoch"]),
         "loss_mask": mask,
         "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
@@ -168,7 +175,8 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                    num_input_pipelines: int = 1, input_pipeline_id: int = 0,
                    replicas_per_pipeline: int = 1,
                    mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ()),
-                   verbose: bool = False, document_names: bool = False) -> tf.data.Dataset:
+                   verbose: bool = False, document_names: bool = False,
+                   iterator_layout: int = ITERATOR_LAYOUT) -> tf.data.Dataset:
   """Batches of ordered per-stream segments (see the module docstring).
 
   Args:
@@ -186,6 +194,8 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     mask_tokens: (start, end) loss-mask token subsequences; start empty means no mask.
     verbose: log the start of every document read.
     document_names: add `document_id`, the documents' names (strings), to the batches.
+    iterator_layout: one of ITERATOR_LAYOUTS; an older one restores iterators saved by an
+      older version (layout 1 tokenizes every document whole).
 
   Returns:
     A dataset of dicts: targets int32 [B, L], start_of_sequence bool [B], epoch int32 [B],
@@ -193,6 +203,9 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     [B] (-1 in the empty segments that end evaluation), and with `document_names` document_id
     string [B] ("" in those segments). Its iterators checkpoint positions only.
   """
+  if iterator_layout not in ITERATOR_LAYOUTS:
+    raise ValueError(f"iterator_layout must be one of {ITERATOR_LAYOUTS}, got {iterator_layout!r} "
+                     "(a checkpoint written by a newer version of the pipelines)")
   source = sources_lib.random_access(source)
   num_streams = replicas_per_pipeline * batch_size
   total_streams = num_streams * num_input_pipelines
@@ -225,7 +238,9 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                                 first_stream + stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
     # off the critical path of the batch; symbolic checkpoints do not save that buffer.
-    segments = documents.flat_map(pieces).map(segment).map(keep_fields).prefetch(1).unbatch()
+    if iterator_layout > 1:
+      documents = documents.flat_map(pieces)
+    segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()
     if not training:
       empty = keep_fields(_empty_segment(sequence_length))
       segments = segments.map(lambda s: dict(s, real=True)).concatenate(

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from pipelines import sources
 
+
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 _ALPHANUMERIC = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
 _FILLER_WORDS = np.array((

@@ -24,6 +24,7 @@ from absl import logging
 
 from pipelines import sources
 
+
 _GLOB_CHARS = frozenset("*?[")
 
 

@@ -24,6 +24,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+
 PAD_ID = 0
 
 # The surface SentencePiece writes for an unknown piece (" \u2047 " is its default unk_surface);

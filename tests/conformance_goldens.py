@@ -11,15 +11,16 @@ from typing import Callable
 
 import tensorflow as tf
 
-from meliad_tf.model import decoder
-from meliad_tf.serving import generation
-from meliad_tf.model import layer
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
-from meliad_tf.model import language_model as model
 from meliad_tf.layers import norms
 from meliad_tf.layers import positions
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model as model
+from meliad_tf.model import layer
 from meliad_tf.model import task_config
+from meliad_tf.serving import generation
+
 
 BATCH = 2
 LENGTH = 16

@@ -28,14 +28,15 @@ import sentencepiece
 import tensorflow as tf
 
 import pipelines
-from meliad_tf.training import checkpoints
 from meliad_tf.serving import export
+from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
 from meliad_tf.training import step_losses
 from meliad_tf.training import steps
 from meliad_tf.training import trainer as trainer_lib
 from meliad_tf.training import workdir_lock
 from meliad_tools import export as export_tool
+
 
 FILES = ["base_htrans.gin", "size/tiny_test.gin"]
 TINY = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",

@@ -18,6 +18,7 @@ from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
 
+
 DATA = os.path.join(os.path.dirname(__file__), "data", "written_before_the_floors")
 EXPECTED = np.load(os.path.join(DATA, "expected.npz"))
 
@@ -46,6 +47,8 @@ def test_the_old_workdir_resumes(tmp_path, clean_gin):
   # Every variable of the checkpoint has its object, and every object its variable.
   assert trainer.checkpoint_keeper(workdir).restore()
   assert trainer.step == 2
+  # Its data iterators were saved when documents were tokenized whole; they go on so.
+  assert trainer.iterator_layout == 1
   trainer.train(workdir)
   assert trainer.step == 3
   gin.clear_config()

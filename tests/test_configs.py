@@ -18,10 +18,11 @@ import gin
 import pytest
 import tensorflow as tf
 
-from meliad_tf.training import gin_setup
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.layers import positions
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib  # Registers training_loop.* and optimizer_config.*
+
 
 BASE = "base_htrans.gin"
 TINY = "size/tiny_test.gin"

@@ -14,9 +14,10 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
-from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tf.serving import evaluation
+from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tools import eval as eval_tool
+
 
 L = tiny_run.SEQUENCE_LENGTH
 LOG2_E = 1 / math.log(2)

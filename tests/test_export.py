@@ -16,10 +16,11 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
-from meliad_tf.serving import loading as checkpoint_loading
-from meliad_tf.serving import export
 from meliad_tf.model import language_model as model_lib
+from meliad_tf.serving import export
+from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tools import export as export_tool
+
 
 L = tiny_run.SEQUENCE_LENGTH
 B = tiny_run.BATCH

@@ -11,11 +11,12 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
 from meliad_tf.serving import export
 from meliad_tf.serving import generation
-from meliad_tf.model import layer as layer_lib
-from meliad_tf.model import language_model as model_lib
 from meliad_tools import generate as generate_tool
+
 
 L = tiny_run.SEQUENCE_LENGTH
 V = tiny_run.VOCAB_SIZE

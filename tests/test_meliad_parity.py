@@ -36,6 +36,7 @@ import tensorflow as tf
 from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tf.training import convert
 
+
 GOLDENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meliad_goldens")
 FAMILIES = sorted(name for name in os.listdir(GOLDENS)
                   if os.path.isfile(os.path.join(GOLDENS, name, "outputs.npz")))

@@ -10,14 +10,15 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup
 from meliad_tf.layers import host_search
-from meliad_tf.model import layer as layer_lib
 from meliad_tf.layers import memory as memory_lib
+from meliad_tf.model import decoder
 from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
 from meliad_tf.model import task_config
+from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
+
 
 ON_DEVICE = ("bucketed", "exact", "approx_max_k")
 

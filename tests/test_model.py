@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 from meliad_tf.model import decoder
-from meliad_tf.model import layer
 from meliad_tf.model import language_model as model
+from meliad_tf.model import layer
 from meliad_tf.model import task_config as task_config_lib
 
 

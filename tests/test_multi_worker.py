@@ -29,6 +29,7 @@ from meliad_tf.training import gin_setup
 from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
 
+
 PARAMS = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
           "TransformerTaskConfig.batch_size = 1", "Trainer.warmup_steps = 2",
           "Trainer.max_scheduled_steps = 100", "Trainer.status_every_steps = 0",

@@ -12,6 +12,7 @@ import tensorflow as tf
 from meliad_tf.training import optimizer
 from meliad_tf.training import schedules
 
+
 RTOL = 1e-5
 ATOL_FRACTION = 1e-6
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup
-from meliad_tf.model import layer as layer_lib
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.layers import recurrence
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
 from meliad_tf.model import task_config as task_config_lib
+from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
+
 
 EMBED = 16
 HEADS = 2

@@ -17,11 +17,11 @@ import gin
 import pytest
 import tensorflow as tf
 
-from meliad_tf.training import checkpoints
+from meliad_tf.common import storage
 from meliad_tf.serving import export
+from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
 from meliad_tf.training import plots
-from meliad_tf.common import storage
 from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import eval as eval_tool
@@ -29,6 +29,7 @@ from meliad_tools import export as export_tool
 from meliad_tools import generate as generate_tool
 from meliad_tools import plot as plot_tool
 from meliad_tools import vocab as vocab_tool
+
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -15,6 +15,7 @@ from meliad_tf.training import plots
 from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
 
+
 TINY = ["base_htrans.gin", "size/tiny_test.gin"]
 
 

@@ -32,6 +32,7 @@ from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.layers import host_search
 from meliad_tf.layers import memory as memory_lib
 
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small_test", "Size config under configs/size/.")
 flags.DEFINE_list("sizes", ["8", "32", "64", "128"], "Memory sizes in thousands of entries.")

@@ -23,9 +23,10 @@ import sys
 from absl import app
 from absl import flags
 
-from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.benchmarks import profiling
+from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.training import trainer as trainer_lib
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", None, "Gin files, in order (default: base_htrans.gin "

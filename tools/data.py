@@ -25,9 +25,10 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
+import pipelines
 from meliad_tf.common import storage
 from meliad_tf.training import gin_setup
-import pipelines
+
 
 FLAGS = flags.FLAGS
 

@@ -23,10 +23,11 @@ import sys
 from absl import app
 from absl import flags
 
+import pipelines
+from meliad_tf.common import storage
 from meliad_tf.serving import evaluation
 from meliad_tf.serving import export
-from meliad_tf.common import storage
-import pipelines
+
 
 FLAGS = flags.FLAGS
 # Flags allow overriding: the tools share flag names (with the same meanings), and one process

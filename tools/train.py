@@ -16,10 +16,11 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+import pipelines
 from meliad_tf.training import distribution
 from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
-import pipelines
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", ["base_htrans.gin"],

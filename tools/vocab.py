@@ -22,9 +22,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import pipelines
 from meliad_tf.common import storage
 from meliad_tf.training import gin_setup
-import pipelines
+
 
 FLAGS = flags.FLAGS
 

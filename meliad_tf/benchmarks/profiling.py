@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from meliad_tf.layers import scopes
 
+
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 # Events of the runtime itself, not of an HLO instruction.
 _RUNTIME_EVENTS = ("ThreadpoolListener", "ThunkExecutor")

@@ -11,6 +11,7 @@ A step's seed is (random_seed, step), so randomness is a function of the step al
 import numpy as np
 import tensorflow as tf
 
+
 DROPOUT_TILE_LENGTH = 128
 _GOLDEN_RATIO = 0x9E3779B9
 

@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 
+
 # The slot returned for a neighbour that does not exist (fewer than K entries).
 MISSING = -1
 # Keys sampled to train the partitions and the hashing. Training on all of a 128k memory

@@ -37,6 +37,7 @@ from meliad_tf.layers import host_search
 from meliad_tf.layers import initializers
 from meliad_tf.layers import scopes
 
+
 BACKENDS = ("bucketed", "exact", "approx_max_k", "scann")
 # Added to the score of an empty slot (Meliad's value): below any real dot product of
 # normalised vectors, so an empty slot is chosen only where nothing else is left.

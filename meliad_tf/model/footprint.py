@@ -17,6 +17,7 @@ import os
 
 import tensorflow as tf
 
+
 _FLOAT = 4  # Bytes of the float32 everything is counted in.
 
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from meliad_tf.model import decoder as decoder_lib
 
+
 LOG2_E = 1.4426950408889634
 # Metrics under this prefix are per-step values that layers report (averaged over steps
 # and over replicas, not summed like counts).

@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.common import storage
+from meliad_tf.model import language_model as model_lib
 
 
 def _rates(loss, tokens, num_bytes):

@@ -49,12 +49,13 @@ import gin
 import tensorflow as tf
 
 import pipelines
-from meliad_tf.serving import loading as checkpoint_loading
-from meliad_tf.serving import generation
-from meliad_tf.training import gin_setup
 from meliad_tf.common import storage
+from meliad_tf.serving import generation
+from meliad_tf.serving import loading as checkpoint_loading
+from meliad_tf.training import gin_setup
 from meliad_tf.training import state as state_lib
 from meliad_tf.training import steps
+
 
 FORMAT = "meliad-tf-saved-model"
 FORMAT_VERSION = 1

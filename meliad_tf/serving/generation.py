@@ -31,8 +31,9 @@ import math
 import tensorflow as tf
 
 from meliad_tf.layers import attention
-from meliad_tf.model import layer as layer_lib
 from meliad_tf.layers import positions
+from meliad_tf.model import layer as layer_lib
+
 
 GREEDY = "greedy"
 SAMPLE = "sample"

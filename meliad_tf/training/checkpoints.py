@@ -32,8 +32,9 @@ import typing
 from absl import logging
 import tensorflow as tf
 
-from meliad_tf.training import distribution
 from meliad_tf.common import storage
+from meliad_tf.training import distribution
+
 
 CHECKPOINT_DIRECTORY = "checkpoints"
 CHECKPOINT_NAME = "ckpt"
@@ -197,6 +198,11 @@ def _saved_shapes(path):
 def _first_line(error):
   message = getattr(error, "message", None) or str(error)
   return message.strip().splitlines()[0] if message.strip() else type(error).__name__
+
+
+def saved_data_signature(workdir):
+  """The `data_signature.json` of `workdir`'s checkpoints, or None where there is none."""
+  return _read_json(os.path.join(workdir, DATA_SIGNATURE_FILE))
 
 
 def _read_json(path):

@@ -31,19 +31,20 @@ from gin import config_parser
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf.training import checkpoints
-from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup
-from meliad_tf.model import layer as layer_lib
+import pipelines
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.layers import norms
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.model import task_config as task_config_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import gin_setup
 from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import schedules
-from meliad_tf.model import task_config as task_config_lib
 from meliad_tf.training import trainer as trainer_lib
-import pipelines
+
 
 CONFIG_FILE = "config.gin"
 # Flax's legacy format is this file; Orbax's is a directory holding a file of this name.

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import meliad_configs
 # pylint: disable=unused-import  # Importing registers their gin configurables.
+import pipelines
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
 from meliad_tf.layers import norms
@@ -20,7 +21,8 @@ from meliad_tf.model import task_config
 from meliad_tf.training import optimizer
 from meliad_tf.training import schedules
 from meliad_tf.training import trainer
-import pipelines
+
+
 # pylint: enable=unused-import
 
 CONFIG_DIRECTORY = os.path.dirname(os.path.abspath(meliad_configs.__file__))

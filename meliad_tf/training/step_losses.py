@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from meliad_tf.common import storage
 
+
 # The file's name in the workdir (Trainer.record_step_losses).
 FILE_NAME = "step_losses.jsonl"
 

@@ -23,6 +23,7 @@ from meliad_tf.layers import scopes
 from meliad_tf.model import language_model
 from meliad_tf.training import distribution
 
+
 # Batch fields the compiled steps take; the rest (document indices, epochs) stays on the host.
 MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars")
 # A metric of every training step: 1.0 when its loss and gradients are all finite.

@@ -33,19 +33,20 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
-from meliad_tf.training import checkpoints
-from meliad_tf.training import distribution
+from meliad_tf.common import storage
 from meliad_tf.model import footprint
 from meliad_tf.model import language_model as model_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import distribution
 from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import schedules
 from meliad_tf.training import state as state_lib
 from meliad_tf.training import step_losses as step_losses_lib
 from meliad_tf.training import steps as steps_lib
 from meliad_tf.training import stopping
-from meliad_tf.training import workdir_lock
-from meliad_tf.common import storage
 from meliad_tf.training import summaries
+from meliad_tf.training import workdir_lock
+
 
 def should_run(step, every):
   """Meliad's schedule for periodic work: never at step 0, never when `every` is 0."""
@@ -248,12 +249,8 @@ class Trainer:
                                              self.strategy, "train")
     self.test_state = state_lib.StreamState(self.model.state_spec, self.batch_size,
                                             self.strategy, "test")
-    context = distribution.host_input_context(self.strategy)
-    self.train_iterator = iter(self._dataset(self.task_config.train_split, self.random_seed,
-                                             context))
-    self.test_iterator = (iter(self._dataset(self.task_config.test_split, self.random_seed + 1,
-                                             context))
-                          if self.num_test_steps and self.test_every_steps else None)
+    self.iterator_layout = pipelines.streams.ITERATOR_LAYOUT
+    self._make_iterators()
     if (self.steps_per_loop > 1 and self.calls_host and self.jit_compile
         and self.strategy.num_replicas_in_sync > 1):
       # TensorFlow's clustering around the host call fails inside a loop over several
@@ -291,10 +288,35 @@ class Trainer:
           f"(TransformerTaskConfig.batch_size, sequence_length), but this machine has "
           f"{available / 2**30:.3g} GiB of memory available; use smaller sizes")
 
+  def _make_iterators(self):
+    context = distribution.host_input_context(self.strategy)
+    self.train_iterator = iter(self._dataset(self.task_config.train_split, self.random_seed,
+                                             context))
+    self.test_iterator = (iter(self._dataset(self.task_config.test_split, self.random_seed + 1,
+                                             context))
+                          if self.num_test_steps and self.test_every_steps else None)
+
   def _dataset(self, split, seed, context):
     return pipelines.load_text_dataset(
         self.task, split=split, sequence_length=self.sequence_length,
-        batch_size=self.host_batch_size, training=True, seed=seed, input_context=context)
+        batch_size=self.host_batch_size, training=True, seed=seed, input_context=context,
+        iterator_layout=self.iterator_layout)
+
+  def _continue_iterator_layout(self, workdir):
+    """Rebuilds the data iterators in the layout of the workdir's checkpoints where an older
+    version wrote them, so that their saved positions restore (and the run goes on reading
+    as it did)."""
+    saved = checkpoints.saved_data_signature(workdir) if workdir else None
+    if saved is None:
+      return
+    layout = saved.get("iterator_layout", 1)
+    # An unknown layout is left to the signature check, which names it.
+    if layout == self.iterator_layout or layout not in pipelines.streams.ITERATOR_LAYOUTS:
+      return
+    logging.info("the checkpoints in %s were written with data iterators of layout %d; this "
+                 "run continues in that layout", workdir, layout)
+    self.iterator_layout = layout
+    self._make_iterators()
 
   @property
   def calls_host(self):
@@ -591,6 +613,7 @@ class Trainer:
       max_to_keep: checkpoints kept; None: Trainer.max_checkpoints_to_keep.
       guard: see `CheckpointKeeper`.
     """
+    self._continue_iterator_layout(workdir)
     contents = checkpoints.Contents(
         strategy=self.strategy, model=self.model, optimizer=self.optimizer,
         train_state=self.train_state, test_state=self.test_state,
@@ -628,6 +651,8 @@ class Trainer:
     hosts = distribution.num_hosts(self.strategy)
     if hosts > 1:  # Each host's pipeline reads its own share of the documents.
       signature["input_pipelines"] = hosts
+    if self.iterator_layout > 1:  # Signatures without it were written under layout 1.
+      signature["iterator_layout"] = self.iterator_layout
     return signature
 
   def parameter_summary(self):

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from meliad_tf.common import storage
 
+
 LOCK_FILE = "meliad.lock"
 
 
