@@ -171,3 +171,23 @@ def test_test_loss_is_the_mean_over_the_cycle_of_each_steps_summed_loss(tmp_path
   (step, logged), = plots.read_scalars(str(tmp_path))["test/loss"]
   assert step == 0
   np.testing.assert_allclose(logged, total / 3, rtol=1e-5)
+
+
+def test_test_cycle_reports_the_answer_tokens_apart(tmp_path):
+  """On the synthetic fact-recall documents, the values asked again are scored apart."""
+  facts_params = ["pipelines.synthetic.document_length = 250", "pipelines.synthetic.num_facts = 3"]
+  trainer = build("Trainer.num_steps = 1", "Trainer.test_every_steps = 1",
+                  "Trainer.num_test_steps = 4", *facts_params)
+  # Each test document fits one segment, so every byte of its three 8-byte values is predicted.
+  source = trainer.task.source
+  assert max(len(source.generate("test", i)) for i in range(16)) < trainer.sequence_length
+  metrics = trainer.train(str(tmp_path))
+  assert metrics["answer_token_count"] == 4 * 3 * 8
+  answer_bits = metrics["answer_bits_per_token"] * metrics["answer_token_count"]
+  other_bits = metrics["non_answer_bits_per_token"] * (metrics["token_count"] - 4 * 3 * 8)
+  np.testing.assert_allclose(answer_bits + other_bits,
+                             metrics["bits_per_token"] * metrics["token_count"], rtol=1e-4)
+  assert metrics["answer_bits_per_token"] > metrics["non_answer_bits_per_token"]
+  scalars = plots.read_scalars(str(tmp_path))
+  (_, logged), = scalars["test/answer_bits_per_token"]
+  np.testing.assert_allclose(logged, metrics["answer_bits_per_token"], rtol=1e-6)

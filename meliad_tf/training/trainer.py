@@ -44,7 +44,7 @@ from meliad_tf.common import storage
 from meliad_tf.training import summaries
 
 # Batch fields the compiled steps take; the rest (document ids, epochs) stays on the host.
-MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars")
+MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars", "answer_mask")
 
 
 def should_run(step, every):
