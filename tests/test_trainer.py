@@ -191,3 +191,24 @@ def test_test_cycle_reports_the_answer_tokens_apart(tmp_path):
   scalars = plots.read_scalars(str(tmp_path))
   (_, logged), = scalars["test/answer_bits_per_token"]
   np.testing.assert_allclose(logged, metrics["answer_bits_per_token"], rtol=1e-6)
+
+
+def test_the_trainer_leaves_the_named_gates_unscaled():
+  """options/gates_unscaled.gin: after two steps (the first has learning rate 0), the memory
+  gate has moved 1000 times as far as at Adafactor's floor, and nothing else differs."""
+  import tiny_run  # pylint: disable=g-import-not-at-top
+  moved = {}
+  for option in ([], ["include 'options/gates_unscaled.gin'"]):
+    tiny_run.configure("Trainer.num_steps = 2", *tiny_run.MEMORIZING)
+    if option:
+      gin.parse_config(option)
+    trainer = trainer_lib.Trainer().build()
+    for _ in range(2):
+      trainer.train_step()
+    moved[bool(option)] = {v.name: v.numpy() for v in trainer.params}
+  gate = next(name for name in moved[True] if "external_memory_bias" in name)
+  assert np.abs(moved[False][gate]).max() > 0
+  np.testing.assert_allclose(moved[True][gate], 1000 * moved[False][gate], rtol=1e-3)
+  for name, value in moved[False].items():
+    if name != gate:
+      np.testing.assert_array_equal(moved[True][name], value, err_msg=name)

@@ -419,11 +419,12 @@ class Trainer:
       slots = self.optimizer.slots_for(param)
       names = sorted(slots)
 
-      def update(param_copy, grad, *slot_copies, names=names):
+      def update(param_copy, grad, *slot_copies, names=names,
+                 param_name=optimizer_lib.param_key(param)):
         old_slots = {name: slot.read_value() for name, slot in zip(names, slot_copies)}
         old_param = param_copy.read_value()
         new_param, new_slots = self.optimizer.update(old_param, grad, old_slots, step,
-                                                     learning_rate)
+                                                     learning_rate, param_name=param_name)
         if all_finite is not None:
           new_param = tf.where(all_finite, new_param, old_param)
           new_slots = {name: tf.where(all_finite, new_slots[name], old_slots[name])
