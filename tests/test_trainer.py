@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
+from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import plots
 from meliad_tf.training import trainer as trainer_lib
 
@@ -195,7 +196,8 @@ def test_test_cycle_reports_the_answer_tokens_apart(tmp_path):
 
 def test_the_trainer_leaves_the_named_gates_unscaled():
   """options/gates_unscaled.gin: after two steps (the first has learning rate 0), the memory
-  gate has moved 1000 times as far as at Adafactor's floor, and nothing else differs."""
+  gate, which starts at 0, has moved 1000 times as far as at Adafactor's floor of 1e-3, and
+  nothing else differs."""
   import tiny_run  # pylint: disable=g-import-not-at-top
   moved = {}
   for option in ([], ["include 'options/gates_unscaled.gin'"]):
@@ -212,3 +214,28 @@ def test_the_trainer_leaves_the_named_gates_unscaled():
   for name, value in moved[False].items():
     if name != gate:
       np.testing.assert_array_equal(moved[True][name], value, err_msg=name)
+
+
+_RECURRENT = ["DecoderStack.recurrent_layer_indices = (-1,)",
+              "TransformerLayer.recurrent_num_states = 8"]
+
+
+@pytest.mark.parametrize("family, gates", [
+    ("memory", {"external_memory_bias"}),
+    ("recurrent_bias", {"recurrent_tbase/post_attn_mlp/gate_bias", "recurrent_tbase/ffn/gate_bias"}),
+    ("recurrent_lstm", {f"recurrent_tbase/{mlp}/{gate}_gate/bias"
+                        for mlp in ("post_attn_mlp", "ffn") for gate in ("forget", "input")}),
+])
+def test_gates_unscaled_names_the_gates_and_nothing_else(family, gates):
+  import tiny_run  # pylint: disable=g-import-not-at-top
+  from meliad_tf.model import language_model  # pylint: disable=g-import-not-at-top
+  params = {"memory": tiny_run.MEMORIZING, "recurrent_bias": _RECURRENT,
+            "recurrent_lstm": _RECURRENT + ["TransformerLayer.recurrent_gate_type = 'lstm'"]}
+  tiny_run.configure(*params[family])
+  gin.parse_config("include 'options/gates_unscaled.gin'")
+  names = [optimizer_lib.param_key(v)
+           for v in language_model.DecoderOnlyLanguageModel().trainable_variables]
+  adafactor = optimizer_lib.FlaxAdafactorConfig().create()
+  unscaled = {name.split("/layer_1/")[-1] for name in names
+              if not adafactor.scales_by_parameter(name)}
+  assert unscaled == gates
