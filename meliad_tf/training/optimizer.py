@@ -18,9 +18,9 @@ Hand-written rather than Keras' or optax's Adafactor, which differ from Flax's i
 faithful optimizer is what makes a converted Meliad checkpoint continue as Meliad would.
 
 One option goes beyond Flax, off by default: `unscaled_parameters` names parameters whose step is not multiplied
-by their RMS. Meliad's gates (the memory gate's per-head bias, initialised to 0; the recurrent gates' biases,
-N(0, 0.1)) start with an RMS at or near Adafactor's floor of 1e-3, so with parameter scaling they move by about
-learning_rate x 1e-3 (x 0.1 for the recurrent biases) per step, as in Meliad.
+by their RMS. Meliad's memory gate, a per-head bias initialised to 0, sits at Adafactor's RMS floor of 1e-3, so
+it moves by about learning_rate x 1e-3 per step, in Meliad as here; the recurrent gates' biases, initialised
+N(0, 0.1), by about learning_rate x 0.1.
 
 Slots are keyed by the parameter's name, so a `tf.train.Checkpoint(optimizer=opt)` restores them into a fresh
 optimizer built over the same parameters in any order. A slot variable is named `<param name>/<slot>`, e.g.
