@@ -69,8 +69,9 @@ def load_text_dataset(task: Union[tasks.Task, str],
   Returns:
     A dataset of dicts with static shapes: targets int32 [B, L], start_of_sequence bool [B],
     epoch int32 [B], loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B],
-    document_index int32 [B] (the document's index in the split), and document_id string [B]
-    where names are asked for. `tf.train.Checkpoint(iterator=iter(dataset))` saves positions
+    document_index int32 [B] (the document's index in the split), document_id string [B]
+    where names are asked for, and answer_mask bool [B, L] where the source marks answers
+    (see `pipelines.streams`). `tf.train.Checkpoint(iterator=iter(dataset))` saves positions
     only (a few kB per stream) and restores into an iterator of a fresh call with
     the same arguments.
   """

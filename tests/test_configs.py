@@ -438,6 +438,8 @@ def test_every_option_file_has_a_behaviour_test():
   checked |= {f"options/external_memory_{n}k.gin" for n in (8, 32, 64, 128)}
   checked |= {f"options/memory_backend_{b}.gin"
               for b in ("bucketed", "exact", "approx_max_k", "scann")}
+  # test_trainer.py::test_the_trainer_leaves_the_named_gates_unscaled runs this one.
+  checked |= {"options/gates_unscaled.gin"}
   assert set(OPTION_FILES) == checked
 
 

@@ -3,6 +3,7 @@ mixture against numpy, and the memory as trainer state (checkpoints, two replica
 
 import collections
 import logging
+import sys
 
 import gin
 import numpy as np
@@ -436,6 +437,20 @@ def test_window_shorter_than_the_segment_is_warned_about(caplog):
 def test_unknown_backend_is_refused():
   with pytest.raises(ValueError, match="backend must be one of"):
     make_memory("faiss")
+
+
+def test_the_scann_backend_without_scann_names_the_extra(monkeypatch):
+  # As where the extra is not installed: every import of scann fails.
+  for name in [n for n in sys.modules if n == "scann" or n.startswith("scann.")] + ["scann"]:
+    monkeypatch.setitem(sys.modules, name, None)
+  with pytest.raises(ValueError, match=r"backend = 'scann' needs ScaNN.*pip install "
+                                       r"'meliad-tf\[scann\]'"):
+    make_memory("scann")
+  # Chosen in gin, the error comes when the model is built, before any step.
+  parse("options/external_memory_8k.gin", "options/memory_backend_scann.gin")
+  with pytest.raises(ValueError, match=r"meliad-tf\[scann\]"):
+    model_lib.DecoderOnlyLanguageModel()
+  make_memory("bucketed")  # the other backends need no ScaNN
 
 
 # ---------------------------------------------------------------------------------------

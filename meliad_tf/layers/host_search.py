@@ -71,9 +71,21 @@ class ScannOptions:
 
 def _scann():
   # Imported on first use: ScaNN loads its TensorFlow ops library, which only the scann
-  # backend needs.
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  # backend needs, and it is an extra that installs on Linux x86-64 only.
+  try:
+    from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(
+        "memory_factory.memory_on_tpu_factory.backend = 'scann' needs ScaNN, which does not "
+        f"import here ({e}). Install the extra: pip install 'meliad-tf[scann]' (ScaNN has wheels "
+        "for Linux x86-64 only), or choose another backend: options/memory_backend_bucketed.gin, "
+        "_exact.gin or _approx_max_k.gin.") from e
   return scann_ops_pybind
+
+
+def require_scann():
+  """Raises ValueError naming the `scann` extra when ScaNN does not import."""
+  _scann()
 
 
 class ScannIndex:

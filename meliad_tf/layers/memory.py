@@ -98,6 +98,8 @@ class ExternalMemory:
     if backend not in BACKENDS:
       raise ValueError(f"memory_factory.memory_on_tpu_factory.backend must be one of "
                        f"{BACKENDS}, got {backend!r}")
+    if backend == "scann":
+      host_search.require_scann()
     for name, value in (("num_heads", num_heads), ("key_size", key_size),
                         ("value_size", value_size), ("database_size", database_size)):
       if not isinstance(value, int) or value <= 0:

@@ -22,10 +22,11 @@ import tensorflow as tf
 from meliad_tf.layers import scopes
 from meliad_tf.model import language_model
 from meliad_tf.training import distribution
+from meliad_tf.training import optimizer as optimizer_lib
 
 
 # Batch fields the compiled steps take; the rest (document indices, epochs) stays on the host.
-MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars")
+MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars", "answer_mask")
 # A metric of every training step: 1.0 when its loss and gradients are all finite.
 ALL_FINITE = "all_finite"
 # The signals a host can vote for, in the order of the vote vector: SIGTERM wins over
@@ -225,11 +226,12 @@ class TrainingSteps:
       slots = self.optimizer.slots_for(param)
       names = sorted(slots)
 
-      def update(param_copy, grad, *slot_copies, names=names):
+      def update(param_copy, grad, *slot_copies, names=names,
+                 param_name=optimizer_lib.param_key(param)):
         old_slots = {name: slot.read_value() for name, slot in zip(names, slot_copies)}
         old_param = param_copy.read_value()
         new_param, new_slots = self.optimizer.update(old_param, grad, old_slots, step,
-                                                     learning_rate)
+                                                     learning_rate, param_name=param_name)
         if all_finite is not None:
           new_param = tf.where(all_finite, new_param, old_param)
           new_slots = {name: tf.where(all_finite, new_slots[name], old_slots[name])

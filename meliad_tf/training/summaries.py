@@ -177,6 +177,7 @@ class Progress:
 def format_metrics(metrics):
   keys = (("nats_per_token", "loss/token {:.4f}"), ("bits_per_token", "bits/token {:.4f}"),
           ("bits_per_char", "bits/byte {:.4f}"), ("accuracy", "accuracy {:.3f}"),
+          ("answer_bits_per_token", "answer bits/token {:.4f}"),
           ("learning_rate", "lr {:.2e}"))
   return " ".join(fmt.format(metrics[key]) for key, fmt in keys if key in metrics)
 
