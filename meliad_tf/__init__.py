@@ -13,3 +13,5 @@ The library is laid out in floors, each importing only from the floors below it:
 
 `meliad_tf.training.gin_setup` registers every gin configurable under Meliad's names.
 """
+
+__version__ = "0.1.0"

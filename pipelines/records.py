@@ -20,6 +20,7 @@ import tensorflow as tf
 # 512 kB read-ahead would read most of a corpus of books just to index it.
 from tensorflow.python.lib.io import _pywrap_file_io  # pylint: disable=g-direct-tensorflow-import
 
+
 _HEADER_BYTES = 12  # uint64 length + uint32 masked crc of the length
 _FOOTER_BYTES = 4  # uint32 masked crc of the data
 

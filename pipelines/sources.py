@@ -1,7 +1,10 @@
 """The document source interface, and the stable-hash split shared by the file-based sources.
 
 A source yields whole documents, `{"text": tf.string [], "document_id": tf.string []}`, for
-a split, always in the same order. The pipeline reads every document of a split from storage
+a split, always in the same order. A source whose documents hold answers (tokens that only
+long-range context predicts, such as the synthetic fact-recall values) adds `answers`
+(`ANSWERS`), a tf.string of the text's length with byte 1 at the answers' bytes and 0
+elsewhere; the pipeline then marks the answer tokens in its batches. The pipeline reads every document of a split from storage
 once per epoch, however many streams share it, and keeps only positions (epoch, document
 index, segment) in its iterator checkpoints; for that it needs random access to the documents:
 
@@ -24,8 +27,11 @@ import tensorflow as tf
 
 from pipelines import records as records_lib
 
+
 # Buckets out of 100 of the stable hash of a document's name (train 90%, validation 5%, test 5%).
 HASH_SPLITS = (("train", 90), ("validation", 5), ("test", 5))
+# The optional document field marking the bytes of the answers (see the module docstring).
+ANSWERS = "answers"
 SPLIT_NAMES = tuple(name for name, _ in HASH_SPLITS)
 
 

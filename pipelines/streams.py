@@ -27,6 +27,12 @@ tokens it has buffered. A restored iterator reads and tokenizes each stream's cu
 again and resumes at the very next segment. The streams are one `interleave` over the stream
 index, so that their functions are traced once, not once per stream.
 
+Answers. Where the source's documents mark answers (`sources.ANSWERS`, as the synthetic
+fact-recall documents do), batches also hold `answer_mask` bool [B, L]: True at the positions
+whose target, the next token, comes from an answer's bytes (the convention of `loss_mask`).
+The answer tokens are those the source says only long-range context predicts; the loss on them
+is reported apart from the rest.
+
 Batches of the training path hold numbers only (`document_index`, the document's index in the
 split); document names (`document_id`) come with evaluation batches and on request.
 
@@ -51,11 +57,19 @@ from pipelines import loss_mask as loss_mask_lib
 from pipelines import sources as sources_lib
 from pipelines import vocabularies
 
+
 # Fields of a batch, all [B] or [B, L]; document_id only where names are asked for.
 FIELDS = ("targets", "start_of_sequence", "epoch", "loss_mask", "num_chars", "nonzero_tokens",
           "document_index")
 NAME_FIELD = "document_id"
+# Present only where the source's documents mark answers.
+ANSWER_FIELD = "answer_mask"
 _VERBOSE_CHARS = 60
+# The layout of the pipeline's operations, which a saved iterator must be restored into:
+# 1 tokenized every document whole; 2 tokenizes in pieces (see `_pieces`). A checkpoint saved
+# under layout 1 continues under layout 1 (`stream_batches(iterator_layout=1)`).
+ITERATOR_LAYOUT = 2
+ITERATOR_LAYOUTS = (1, 2)
 
 
 def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
@@ -91,9 +105,13 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
 
   def segment(document):
     text, document_id = document["text"], document["document_id"]
+    first_piece = document.get("first_piece", tf.constant(True))
     if verbose:
-      tf.print("INFO text_dataset: reading document", document_id, ":",
-               tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"), output_stream=sys.stderr)
+      tf.cond(first_piece,
+              lambda: tf.print("INFO text_dataset: reading document", document_id, ":",
+                               tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"),
+                               output_stream=sys.stderr),
+              tf.no_op)
     tokens = vocab.encode_tf(text, document_id, source_name)  # [n]
     num_tokens = tf.size(tokens)
     num_segments = (num_tokens + length - 1) // length
@@ -104,26 +122,81 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
       mask = tf.ones([num_tokens], tf.bool)
     targets = tf.reshape(tf.pad(tokens, [[0, padding]]), [num_segments, length])
     mask = tf.reshape(tf.pad(mask, [[0, padding]]), [num_segments, length])
+    answers = {}
+    if sources_lib.ANSWERS in document:
+      answer_tokens = _answer_tokens(vocab, text, document[sources_lib.ANSWERS])  # [n]
+      # Position i predicts token i + 1.
+      answer_positions = tf.concat([answer_tokens[1:], [False]], axis=0)
+      answers[ANSWER_FIELD] = tf.reshape(tf.pad(answer_positions, [[0, padding]]),
+                                         [num_segments, length])
     # Position 0 of a segment is never predicted (its input is another segment's), nor is padding.
     predicted = mask & (targets != vocabularies.PAD_ID) & (tf.range(length) >= 1)[tf.newaxis, :]
     predicted_int = tf.cast(predicted, tf.int32)
     return {
         "targets": targets,
-        "start_of_sequence": tf.range(num_segments) == 0,
+        "start_of_sequence": (tf.range(num_segments) == 0) & first_piece,
         "epoch": tf.fill([num_segments], document["epoch"]),
         "loss_mask": mask,
         "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
         "nonzero_tokens": tf.reduce_sum(predicted_int, axis=1),
         "document_index": tf.fill([num_segments], document["document_index"]),
         NAME_FIELD: tf.fill([num_segments], document_id),
+        **answers,
     }
 
   return segment
 
 
+# Bytes of text tokenized at once where a vocabulary allows pieces (about a megabyte).
+PIECE_BYTES = 1 << 20
+
+
+def _pieces(vocab: vocabularies.Vocabulary, sequence_length: int, masked: bool):
+  """A function from one document to the pieces it is tokenized in, each with `first_piece`.
+
+  A byte vocabulary tokenizes every byte alone, so a long document is cut into pieces of a
+  whole number of segments (about PIECE_BYTES), and a book of any length takes bounded
+  memory. Other vocabularies (SentencePiece's pieces span bytes), and a loss mask (found
+  over the whole document), take the document whole.
+  """
+  if not vocab.one_token_per_byte or masked:
+    return lambda document: tf.data.Dataset.from_tensors(dict(document, first_piece=True))
+  size = sequence_length * max(1, PIECE_BYTES // sequence_length)
+
+  def pieces(document):
+    starts = tf.range(0, tf.maximum(tf.strings.length(document["text"]), 1), size)
+
+    def piece(start):
+      # The answers' byte marks are cut with the text they mark.
+      cut = {key: tf.strings.substr(document[key], start, size)
+             for key in ("text", sources_lib.ANSWERS) if key in document}
+      return dict(document, **cut, first_piece=tf.equal(start, 0))
+
+    return tf.data.Dataset.from_tensor_slices(starts).map(piece)
+
+  return pieces
+
+
+def _answer_tokens(vocab: vocabularies.Vocabulary, text: tf.Tensor,
+                   answers: tf.Tensor) -> tf.Tensor:
+  """bool [num_tokens]: the tokens of `text` that hold a byte of an answer.
+
+  Args:
+    vocab: gives each token's byte span in the text.
+    text: tf.string scalar, the document.
+    answers: tf.string scalar of the text's length, byte 1 at the answers' bytes.
+  """
+  starts, ends = vocab.token_byte_spans_tf(text)
+  answer_bytes = tf.cast(tf.io.decode_raw(answers, tf.uint8), tf.int32)
+  # Answer bytes before each byte offset, so a span's count is a difference.
+  before = tf.concat([[0], tf.cumsum(answer_bytes)], axis=0)
+  return tf.gather(before, ends) - tf.gather(before, starts) > 0
+
+
 def _empty_segment(sequence_length: int) -> Dict[str, tf.Tensor]:
   """What a finished stream emits in evaluation: all padding, nothing predicted."""
   return {
+      ANSWER_FIELD: tf.zeros([sequence_length], tf.bool),
       "targets": tf.zeros([sequence_length], tf.int32),
       "start_of_sequence": tf.constant(False),
       "epoch": tf.constant(0, tf.int32),
@@ -140,7 +213,8 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                    num_input_pipelines: int = 1, input_pipeline_id: int = 0,
                    replicas_per_pipeline: int = 1,
                    mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]] = ((), ()),
-                   verbose: bool = False, document_names: bool = False) -> tf.data.Dataset:
+                   verbose: bool = False, document_names: bool = False,
+                   iterator_layout: int = ITERATOR_LAYOUT) -> tf.data.Dataset:
   """Batches of ordered per-stream segments (see the module docstring).
 
   Args:
@@ -158,13 +232,19 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     mask_tokens: (start, end) loss-mask token subsequences; start empty means no mask.
     verbose: log the start of every document read.
     document_names: add `document_id`, the documents' names (strings), to the batches.
+    iterator_layout: one of ITERATOR_LAYOUTS; an older one restores iterators saved by an
+      older version (layout 1 tokenizes every document whole).
 
   Returns:
     A dataset of dicts: targets int32 [B, L], start_of_sequence bool [B], epoch int32 [B],
     loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B], document_index int32
-    [B] (-1 in the empty segments that end evaluation), and with `document_names` document_id
-    string [B] ("" in those segments). Its iterators checkpoint positions only.
+    [B] (-1 in the empty segments that end evaluation), with `document_names` document_id
+    string [B] ("" in those segments), and where the source marks answers answer_mask bool
+    [B, L]. Its iterators checkpoint positions only.
   """
+  if iterator_layout not in ITERATOR_LAYOUTS:
+    raise ValueError(f"iterator_layout must be one of {ITERATOR_LAYOUTS}, got {iterator_layout!r} "
+                     "(a checkpoint written by a newer version of the pipelines)")
   source = sources_lib.random_access(source)
   num_streams = replicas_per_pipeline * batch_size
   total_streams = num_streams * num_input_pipelines
@@ -184,20 +264,25 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                source.name, split, num_documents, num_streams, sequence_length,
                "training" if training else "evaluation", input_pipeline_id, num_input_pipelines)
 
-  fields = FIELDS + ((NAME_FIELD,) if document_names else ())
+  fields = FIELDS + (ANSWER_FIELD,) + ((NAME_FIELD,) if document_names else ())
   segment = _segmenter(vocab, source.name, sequence_length, mask_tokens, verbose)
 
   def keep_fields(segments):
-    return {key: segments[key] for key in fields}
+    return {key: segments[key] for key in fields if key in segments}
+
+  pieces = _pieces(vocab, sequence_length, bool(mask_tokens[0]))
 
   def stream_segments(stream):
     documents = _document_order(source, split, training, seed, total_streams,
                                 first_stream + stream)
     # Tokenizing the next document while the current one is consumed keeps the streams' work
     # off the critical path of the batch; symbolic checkpoints do not save that buffer.
+    if iterator_layout > 1:
+      documents = documents.flat_map(pieces)
     segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()
     if not training:
-      empty = keep_fields(_empty_segment(sequence_length))
+      empty = {key: value for key, value in _empty_segment(sequence_length).items()
+               if key in segments.element_spec}
       segments = segments.map(lambda s: dict(s, real=True)).concatenate(
           tf.data.Dataset.from_tensors(dict(empty, real=False)).repeat())
     return segments
@@ -208,7 +293,7 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
       stream_segments, cycle_length=num_streams, block_length=1).batch(num_streams, drop_remainder=True)
   if not training:
     batches = batches.take_while(lambda batch: tf.reduce_any(batch["real"]))
-    batches = batches.map(lambda batch: {key: batch[key] for key in fields})
+    batches = batches.map(lambda batch: {key: batch[key] for key in fields if key in batch})
   if replicas_per_pipeline > 1:
     batches = batches.map(lambda batch: {
         key: tf.reshape(value, [replicas_per_pipeline, batch_size] + value.shape[1:].as_list())

@@ -12,13 +12,14 @@ Documents are generated eagerly at construction with numpy, each from its own ge
 by (seed, split, index), so document i of a split is the same whatever the number of documents.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import gin
 import numpy as np
 import tensorflow as tf
 
 from pipelines import sources
+
 
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 _ALPHANUMERIC = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
@@ -56,11 +57,24 @@ class SyntheticSource(sources.IndexedSource):
     self._document_length = document_length
     self._num_facts = num_facts
     counts = {"train": num_documents, "validation": num_eval_documents, "test": num_eval_documents}
+    documents = {split: [self._generate(split, i) for i in range(n)]
+                 for split, n in counts.items()}
     self._texts: Dict[str, List[bytes]] = {
-        split: [self.generate(split, i) for i in range(n)] for split, n in counts.items()}
+        split: [text for text, _ in pairs] for split, pairs in documents.items()}
+    self._answers: Dict[str, List[bytes]] = {
+        split: [_byte_mask(len(text), spans) for text, spans in pairs]
+        for split, pairs in documents.items()}
 
   def generate(self, split: str, index: int) -> bytes:
     """The text of document `index` of `split`."""
+    return self._generate(split, index)[0]
+
+  def answer_spans(self, split: str, index: int) -> List[Tuple[int, int]]:
+    """The [start, end) byte ranges of the values asked again at the end of the document."""
+    return self._generate(split, index)[1]
+
+  def _generate(self, split: str, index: int) -> Tuple[bytes, List[Tuple[int, int]]]:
+    """The text of document `index` of `split` and its answer spans."""
     sources.check_split(self.name, split)
     rng = np.random.default_rng([self.seed, _SPLIT_CODES[split], index])
 
@@ -72,9 +86,9 @@ class SyntheticSource(sources.IndexedSource):
     keys = list(dict.fromkeys(keys))[:self._num_facts]  # distinct keys; collisions are rare
     values = random_words(len(keys), _KEY_LENGTH)
     statement = "".join(f"key {k} = value {v}.\n" for k, v in zip(keys, values))
-    recall = "".join(f"key {keys[j]} = value {values[j]}.\n" for j in rng.permutation(len(keys)))
+    recall_lines = [f"key {keys[j]} = value {values[j]}.\n" for j in rng.permutation(len(keys))]
     head = f"Document {index} of {split}. Remember these facts.\n{statement}\n"
-    tail = f"\nRecall the facts.\n{recall}"
+    tail = "\nRecall the facts.\n" + "".join(recall_lines)
 
     filler_length = max(0, self._document_length - len(head) - len(tail))
     # Words average about 5 bytes with their space; draw enough, then cut at a sentence end.
@@ -87,7 +101,14 @@ class SyntheticSource(sources.IndexedSource):
         break
       pieces.append(piece)
       size += len(piece)
-    return (head + "".join(pieces) + tail).encode("ascii")
+    text = head + "".join(pieces) + tail
+    # Each recall line ends with "<value>.\n"; the value is what only the statement gives.
+    spans, end = [], len(text)
+    for line in reversed(recall_lines):
+      value_end = end - 2
+      spans.append((value_end - _KEY_LENGTH, value_end))
+      end -= len(line)
+    return text.encode("ascii"), spans[::-1]
 
   def num_documents(self, split):
     sources.check_split(self.name, split)
@@ -95,5 +116,15 @@ class SyntheticSource(sources.IndexedSource):
 
   def read(self, split, index):
     texts = tf.constant(self._texts[split], tf.string)
+    answers = tf.constant(self._answers[split], tf.string)
     return {"text": tf.gather(texts, index),
-            "document_id": f"synthetic/{split}/" + tf.strings.as_string(index)}
+            "document_id": f"synthetic/{split}/" + tf.strings.as_string(index),
+            sources.ANSWERS: tf.gather(answers, index)}
+
+
+def _byte_mask(length: int, spans: List[Tuple[int, int]]) -> bytes:
+  """`length` bytes, 1 inside the spans and 0 elsewhere."""
+  mask = bytearray(length)
+  for start, end in spans:
+    mask[start:end] = b"\x01" * (end - start)
+  return bytes(mask)

@@ -43,7 +43,8 @@ def load_text_dataset(task: Union[tasks.Task, str],
                       seed: int = 42,
                       input_context: Optional[tf.distribute.InputContext] = None,
                       verbose: bool = False,
-                      document_names: Optional[bool] = None) -> tf.data.Dataset:
+                      document_names: Optional[bool] = None,
+                      iterator_layout: int = streams.ITERATOR_LAYOUT) -> tf.data.Dataset:
   """Batches of consecutive segments of long documents, one document stream per batch slot.
 
   See `pipelines.streams` for the order of documents and segments.
@@ -62,12 +63,15 @@ def load_text_dataset(task: Union[tasks.Task, str],
     verbose: log the first characters of each document read.
     document_names: add `document_id`, each slot's document name (string [B]); None: in
       evaluation only, so that training batches hold numbers only.
+    iterator_layout: the layout of the pipeline's operations (`streams.ITERATOR_LAYOUTS`); an
+      older one restores an iterator checkpoint written by an older version.
 
   Returns:
     A dataset of dicts with static shapes: targets int32 [B, L], start_of_sequence bool [B],
     epoch int32 [B], loss_mask bool [B, L], num_chars int32 [B], nonzero_tokens int32 [B],
-    document_index int32 [B] (the document's index in the split), and document_id string [B]
-    where names are asked for. `tf.train.Checkpoint(iterator=iter(dataset))` saves positions
+    document_index int32 [B] (the document's index in the split), document_id string [B]
+    where names are asked for, and answer_mask bool [B, L] where the source marks answers
+    (see `pipelines.streams`). `tf.train.Checkpoint(iterator=iter(dataset))` saves positions
     only (a few kB per stream) and restores into an iterator of a fresh call with
     the same arguments.
   """
@@ -86,4 +90,5 @@ def load_text_dataset(task: Union[tasks.Task, str],
       task.source, task.vocabulary, split, sequence_length, batch_size, training, seed,
       num_input_pipelines=num_pipelines, input_pipeline_id=pipeline_id,
       replicas_per_pipeline=replicas, mask_tokens=loss_mask.get_loss_mask_tokens(split),
-      verbose=verbose, document_names=not training if document_names is None else document_names)
+      verbose=verbose, document_names=not training if document_names is None else document_names,
+      iterator_layout=iterator_layout)

@@ -24,6 +24,7 @@ from absl import logging
 
 from pipelines import sources
 
+
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -44,15 +45,23 @@ class _FileDocuments(sources.IndexedSource):
     self.name = name
     self._with_headers = with_headers
     by_split: Dict[str, List] = {split: [] for split in sources.SPLIT_NAMES}
-    skipped = []
+    skipped, binary = [], []
     for doc_name, files in sorted(documents):
       if sum(_file_size(name, path) for _, path in files) == 0:
         skipped.append(doc_name)
         continue
-      by_split[sources.hash_split(doc_name)].append((doc_name, files))
+      text_files = [(relative, path) for relative, path in files if not _looks_binary(path)]
+      binary += [relative for relative, _ in files if (relative, _) not in text_files]
+      if not text_files:
+        continue
+      by_split[sources.hash_split(doc_name)].append((doc_name, text_files))
     if skipped:
       logging.warning("Source %s: skipped %d empty documents: %s", name, len(skipped),
                       ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    if binary:
+      logging.warning("Source %s: skipped %d binary files (a NUL byte in their first %d bytes): "
+                      "%s", name, len(binary), _SNIFF_BYTES,
+                      ", ".join(binary[:20]) + (" ..." if len(binary) > 20 else ""))
     logging.info("Source %s: %s documents.", name,
                  ", ".join(f"{split} {len(docs)}" for split, docs in by_split.items()))
     self._splits = {split: self._tables(docs[:max_documents]) for split, docs in by_split.items()}
@@ -87,6 +96,17 @@ class _FileDocuments(sources.IndexedSource):
       contents = tf.stack([file_headers, contents], axis=1)  # [files, 2]
     return {"text": tf.strings.reduce_join(contents),
             "document_id": tf.gather(tf.constant(names, tf.string), index)}
+
+
+# Bytes read from the start of each file to tell text from binary data, as `grep` does.
+_SNIFF_BYTES = 8192
+
+
+def _looks_binary(path: str) -> bool:
+  """Whether a file holds a NUL byte early on: binary data (images, archives, compiled code)
+  that a glob or a tree caught along with the text."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return b"\0" in f.read(_SNIFF_BYTES)
 
 
 def _file_size(source_name: str, path: str) -> int:

@@ -12,17 +12,20 @@ Token id 0 is padding in every vocabulary and is never predicted, as in Meliad.
 
 Besides encoding, each vocabulary gives `token_byte_lengths`: how many bytes of text each id
 stands for. The pipeline sums it over the predicted tokens of a segment to get `num_chars`
-(bits per character).
+(bits per character). `token_byte_spans_tf` says which bytes of the text each token of a
+document comes from (one byte per token for the byte vocabularies), to mark the tokens of a
+source's answers.
 """
 
 import abc
 import os
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import gin
 import numpy as np
 import tensorflow as tf
+
 
 PAD_ID = 0
 
@@ -37,10 +40,13 @@ class Vocabulary(abc.ABC):
   Attributes:
     kind: "bytes", "raw_bytes" or "sentencepiece".
     vocab_size: number of ids; every id is in [0, vocab_size).
+    one_token_per_byte: each byte of the text is one token whatever surrounds it, so a
+      document may be tokenized in pieces cut anywhere.
   """
 
   kind: str
   vocab_size: int
+  one_token_per_byte = False
 
   @abc.abstractmethod
   def encode_tf(self, text: tf.Tensor, document_id: tf.Tensor, source_name: str) -> tf.Tensor:
@@ -54,6 +60,24 @@ class Vocabulary(abc.ABC):
     Returns:
       int32 [num_tokens]; no BOS or EOS is added (as Meliad's tasks).
     """
+
+  def token_byte_spans_tf(self, text: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Where each token of `encode_tf(text)` comes from in the text.
+
+    Args:
+      text: tf.string scalar, the document.
+
+    Returns:
+      (start, end): int32 [num_tokens] each, the [start, end) byte range of every token.
+
+    Raises:
+      NotImplementedError: the vocabulary cannot say (a vocabulary of your own that does not
+        override this); only sources with answers need it.
+    """
+    del text
+    raise NotImplementedError(
+        f"{type(self).__name__} does not give the byte spans of its tokens "
+        "(Vocabulary.token_byte_spans_tf), which a source with answers needs to mark them.")
 
   @abc.abstractmethod
   def token_byte_lengths(self) -> np.ndarray:
@@ -81,11 +105,19 @@ def _raw_byte_values(text: tf.Tensor) -> tf.Tensor:
   return tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32)
 
 
+def _one_byte_per_token(text: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """The byte spans of the tokens of a vocabulary that has a token per byte."""
+  starts = tf.range(tf.strings.length(text))
+  return starts, starts + 1
+
+
 class ByteVocabulary(Vocabulary):
   """UTF-8 bytes shifted by 3, as seqio's ByteVocabulary: 0 = pad, 1 = eos, 2 = unk.
 
   Any byte string is encodable, so text that is not valid UTF-8 keeps its bytes.
   """
+
+  one_token_per_byte = True
 
   kind = "bytes"
   num_special = 3
@@ -94,6 +126,9 @@ class ByteVocabulary(Vocabulary):
   def encode_tf(self, text, document_id, source_name):
     del document_id, source_name  # every byte string is encodable
     return _raw_byte_values(text) + self.num_special
+
+  def token_byte_spans_tf(self, text):
+    return _one_byte_per_token(text)
 
   def token_byte_lengths(self):
     lengths = np.ones([self.vocab_size], np.int32)
@@ -111,6 +146,8 @@ class RawByteVocabulary(Vocabulary):
   source and the document.
   """
 
+  one_token_per_byte = True
+
   kind = "raw_bytes"
   vocab_size = 256
 
@@ -122,6 +159,9 @@ class RawByteVocabulary(Vocabulary):
          "document", document_id, "holds it. Use the bytes vocabulary for this source."])
     with tf.control_dependencies([no_zero_byte]):
       return tf.identity(ids)
+
+  def token_byte_spans_tf(self, text):
+    return _one_byte_per_token(text)
 
   def token_byte_lengths(self):
     lengths = np.ones([self.vocab_size], np.int32)
@@ -209,6 +249,14 @@ class SentencePieceVocabulary(Vocabulary):
     logged = tf.cond(tf.equal(valid, text), lambda: tf.constant(False), log_replacements)
     with tf.control_dependencies([logged]):
       return self._tf_tokenizer().tokenize(valid)
+
+  def token_byte_spans_tf(self, text):
+    # Offsets are into the text as tokenized, so text that is not valid UTF-8 (whose bad bytes
+    # `encode_tf` replaces) may be shifted after the first replacement.
+    valid = tf.strings.unicode_transcode(
+        text, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+    _, starts, ends = self._tf_tokenizer().tokenize_with_offsets(valid)
+    return tf.cast(starts, tf.int32), tf.cast(ends, tf.int32)
 
   def token_byte_lengths(self):
     p = self._processor

@@ -11,14 +11,15 @@ from typing import Callable
 
 import tensorflow as tf
 
-from meliad_tf.model import decoder
-from meliad_tf.model import layer
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
-from meliad_tf.model import language_model as model
 from meliad_tf.layers import norms
 from meliad_tf.layers import positions
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model as model
+from meliad_tf.model import layer
 from meliad_tf.model import task_config
+
 
 BATCH = 2
 LENGTH = 16

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 
+
 BUCKET = "bucket"
 HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com")
 

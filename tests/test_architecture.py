@@ -14,6 +14,7 @@ import re
 
 import pytest
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = ("common", "layers", "model", "training", "serving", "benchmarks")
 # The lowest floor that may use the pipelines.

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -27,11 +28,15 @@ import sentencepiece
 import tensorflow as tf
 
 import pipelines
-from meliad_tf.training import checkpoints
 from meliad_tf.serving import export
+from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
+from meliad_tf.training import step_losses
+from meliad_tf.training import steps
 from meliad_tf.training import trainer as trainer_lib
+from meliad_tf.training import workdir_lock
 from meliad_tools import export as export_tool
+
 
 FILES = ["base_htrans.gin", "size/tiny_test.gin"]
 TINY = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
@@ -91,7 +96,7 @@ def restored_step(workdir, *params):
   """Builds the saved run's trainer and restores `workdir`; returns its step."""
   configure(*SAVED, *params)
   trainer = trainer_lib.Trainer().build()
-  assert checkpoints.CheckpointKeeper(trainer, workdir, 2).restore()
+  assert trainer.checkpoint_keeper(workdir, 2).restore()
   return trainer.step
 
 
@@ -346,7 +351,8 @@ def test_unreadable_data_file(tmp_path):
 
 
 def test_byte_zero_under_raw_bytes(tmp_path):
-  data = write_documents(str(tmp_path / "data"), [b"abc\x00def\n"] * 3)
+  # Past the first 8 KiB, where a NUL byte would have marked the file as binary.
+  data = write_documents(str(tmp_path / "data"), [b"abc" * 3000 + b"\x00def\n"] * 3)
   before = snapshot(data)
   configure(f"TransformerTaskConfig.dataset_name = 'files_raw_bytes:{data}/*.txt'",
             "Trainer.num_steps = 1")
@@ -390,18 +396,17 @@ def test_undecodable_text_with_sentencepiece(tmp_path, capfd):
 
 
 def test_huge_single_line_file(tmp_path):
-  line = (b"0123456789abcdef" * (1 << 19))  # 8 MiB, no newline
-  data = write_documents(str(tmp_path / "data"), [line])
+  """Tokenized in pieces of whole segments (bounded memory), read back as one document."""
+  line = bytes(np.random.default_rng(0).integers(33, 127, size=(5 << 19) + 77, dtype=np.uint8))
+  data = write_documents(str(tmp_path / "data"), [line])  # 2.5 MiB, no newline: 3 pieces
   before = snapshot(data)
   task = pipelines.get_task(f"files_bytes:{data}/*.txt")
-  length = 4096
-  batches = iter(pipelines.load_text_dataset(task, "train", sequence_length=length,
-                                             batch_size=1, training=True))
-  first, second = next(batches), next(batches)
-  assert bool(first["start_of_sequence"][0]) and not bool(second["start_of_sequence"][0])
-  joined = task.vocabulary.decode_bytes(
-      np.concatenate([first["targets"][0], second["targets"][0]]).tolist())
-  assert joined == line[:2 * length]
+  batches = list(pipelines.load_text_dataset(task, "train", sequence_length=4096,
+                                             batch_size=1, training=False))
+  starts = [bool(batch["start_of_sequence"][0]) for batch in batches]
+  assert starts == [True] + [False] * (len(batches) - 1)
+  tokens = np.concatenate([batch["targets"][0] for batch in batches])
+  assert task.vocabulary.decode_bytes(tokens.tolist()) == line
   assert snapshot(data) == before
 
 
@@ -694,7 +699,7 @@ def test_nonfinite_loss_skipped(shell, tmp_path):
 
   before = parameters_slots_and_state()
   _, metrics = trainer.train_step()
-  assert metrics[trainer_lib.ALL_FINITE] == 0.0
+  assert metrics[steps.ALL_FINITE] == 0.0
   after = parameters_slots_and_state()
   tf.nest.map_structure(np.testing.assert_array_equal, after, before)
   for param in trainer.params:
@@ -707,7 +712,7 @@ def test_nonfinite_loss_skipped(shell, tmp_path):
   run_training(HUGE_LEARNING_RATE, "Trainer.num_steps = 4", "Trainer.log_every_steps = 1",
                "Trainer.skip_nonfinite_steps = True", "Trainer.record_step_losses = True",
                workdir=workdir)
-  with open(os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)) as f:
+  with open(os.path.join(workdir, step_losses.FILE_NAME)) as f:
     records = [json.loads(line) for line in f]
   assert [r.get("skipped", False) for r in records] == [False, False, True, True]
   skipped = {}
@@ -764,7 +769,7 @@ def test_saved_model_wrong_shape(exported):
 
 def test_saved_model_token_out_of_range(exported):
   _assert_signature_error(exported, tf.errors.InvalidArgumentError,
-                          r"score: token ids must be in \[0, 256\)",
+                          r"score: token ids must be in \[0, 256\), ids of the vocabulary",
                           tf.fill([1, 256], 300), STARTS)
 
 
@@ -843,3 +848,101 @@ def test_table_rows_and_tests_match():
   tests.discard("cli")
   tests.discard("table_rows_and_tests_match")
   assert set(ids) == tests | set(CLI_CASES)
+
+
+def test_all_steps_skipped(tmp_path):
+  """A run whose every step is skipped no longer learns: it stops with an error."""
+  workdir = str(tmp_path / "workdir")
+  expect_error(r"the last 3 steps, up to step 4, were all skipped .* the run no longer learns; "
+               r"stopping. The last good checkpoint, .*ckpt-4, is kept",
+               HUGE_LEARNING_RATE, "Trainer.skip_nonfinite_steps = True",
+               "Trainer.max_consecutive_skipped_steps = 3", "Trainer.num_steps = 30",
+               "Trainer.checkpoint_every_steps = 1", workdir=workdir)
+  # Skipped steps leave the parameters as they were: the checkpoint holds finite ones.
+  reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(workdir))
+  for name in reader.get_variable_to_shape_map():
+    if name.startswith("model/"):
+      assert np.isfinite(reader.get_tensor(name)).all(), name
+
+
+def test_gin_file_includes_itself(workdir, tmp_path):
+  looping = tmp_path / "loop.gin"
+  looping.write_text(f"include '{looping}'\nTrainer.num_steps = 5\n")
+  before = snapshot(workdir)
+  expect_error(f"gin file {looping} includes itself, directly or through the files it "
+               "includes", workdir=workdir, files=[str(looping)])
+  assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("binding", ["TransformerTaskConfig.sequence_length = 1000000000",
+                                     "TransformerTaskConfig.batch_size = 1000000"])
+def test_sizes_too_large_for_memory(binding, workdir):
+  before = snapshot(workdir)
+  expect_error(r"training this configuration needs about [0-9.e+]+ GiB \(parameters .*, "
+               r"activations .*\) .* but this machine has [0-9.]+ GiB of memory available",
+               binding, workdir=workdir)
+  assert snapshot(workdir) == before
+
+
+def test_no_workdir(caplog):
+  caplog.set_level("WARNING")
+  run_training("Trainer.num_steps = 1")
+  assert "no --workdir: nothing of this run (checkpoints, summaries, config) will be saved" in (
+      caplog.text)
+
+
+def test_events_disk_full(tmp_path, monkeypatch):
+  """The event file's disk fills (a stub): the run says so and saves a checkpoint."""
+  workdir = str(tmp_path / "workdir")
+  scalar = tf.summary.scalar
+
+  def full_after_two_steps(name, data, step=None, **kwargs):
+    if step is not None and step >= 2:
+      raise tf.errors.ResourceExhaustedError(
+          None, None, f"{workdir}/events.out.tfevents.1; No space left on device")
+    return scalar(name, data, step=step, **kwargs)
+
+  monkeypatch.setattr(tf.summary, "scalar", full_after_two_steps)
+  expect_error(rf"could not write TensorBoard events in {workdir}: .*No space left on device. "
+               rf"Saved {workdir}/checkpoints/ckpt-3; make room and run the same command",
+               "Trainer.num_steps = 10", "Trainer.log_every_steps = 1",
+               "Trainer.checkpoint_every_steps = 100", workdir=workdir)
+  assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(workdir)) == 3
+
+
+def test_resume_with_another_num_steps(workdir, caplog):
+  """The schedule's horizon follows num_steps unless max_scheduled_steps is set: it moves."""
+  caplog.set_level("WARNING")
+  run_training("Trainer.num_steps = 5", "Trainer.checkpoint_every_steps = 1",
+               "Trainer.max_checkpoints_to_keep = 2", "Trainer.max_scheduled_steps = 0",
+               workdir=workdir)
+  assert ("the learning-rate schedule's horizon was 100 steps for the 3 steps already run "
+          "and is 5 from now on") in caplog.text
+
+
+def test_workdir_in_use(workdir):
+  """Another run, on another host, holds the workdir's lock and is alive (a fresh heartbeat)."""
+  holder = {"run": "f00d", "host": "elsewhere", "pid": 1, "started": time.time(),
+            "heartbeat": time.time()}
+  with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
+    json.dump(holder, f)
+  before = snapshot(workdir)
+  expect_error(r"is in use by run f00d \(host elsewhere, pid 1, .*last heartbeat \d+ s ago\); "
+               r"nothing was written.*start with --force", *SAVED, "Trainer.num_steps = 5",
+               workdir=workdir)
+  assert snapshot(workdir) == before
+
+
+def test_binary_files_in_a_glob(tmp_path, caplog):
+  """A glob that also catches binary files: they are skipped, by name, and the text read."""
+  texts = [b"print('hello')\n", b"import os\n", b"x = 1\n"]
+  data = write_documents(str(tmp_path / "data"), texts)
+  for name in ("image.png", "module.pyc"):
+    with open(os.path.join(data, name), "wb") as f:
+      f.write(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10)
+  caplog.set_level("WARNING")
+  source = pipelines.make_source(f"files:{data}/*")
+  assert "skipped 2 binary files (a NUL byte in their first 8192 bytes): image.png, module.pyc" in (
+      caplog.text)
+  names = [n for split in ("train", "validation", "test") for n in source.document_names(split)]
+  assert len(names) == len(texts) and not any(n.endswith((".png", ".pyc")) for n in names)

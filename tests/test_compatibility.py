@@ -14,10 +14,10 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf.training import checkpoints
 from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
+
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "written_before_the_floors")
 EXPECTED = np.load(os.path.join(DATA, "expected.npz"))
@@ -45,8 +45,10 @@ def test_the_old_workdir_resumes(tmp_path, clean_gin):
   gin_setup.parse([os.path.join(workdir, "config.gin")], ["Trainer.num_steps = 3"])
   trainer = trainer_lib.Trainer().build()
   # Every variable of the checkpoint has its object, and every object its variable.
-  assert checkpoints.CheckpointKeeper(trainer, workdir).restore()
+  assert trainer.checkpoint_keeper(workdir).restore()
   assert trainer.step == 2
+  # Its data iterators were saved when documents were tokenized whole; they go on so.
+  assert trainer.iterator_layout == 1
   trainer.train(workdir)
   assert trainer.step == 3
   gin.clear_config()

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from conformance_goldens import GOLDENS
 
+
 IDS = [g.name for g in GOLDENS]
 
 

@@ -14,15 +14,16 @@ import tensorflow as tf
 from absl import app
 from absl.testing import flagsaver
 
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.serving import export
 from meliad_tf.training import checkpoints
 from meliad_tf.training import convert
-from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import convert as convert_tool
 from meliad_tools import export as export_tool
+
 
 GOLDENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meliad_goldens")
 XL = os.path.join(GOLDENS, "xl_t5")  # Flax's legacy format: one msgpack file.
@@ -98,6 +99,7 @@ def test_missing_msgpack_names_the_extra(monkeypatch):
 MELIAD_CONFIG = """\
 import training_loop
 from transformer import decoder_stack
+
 
 # Macros:
 NUM_HEADS = 4

@@ -1,6 +1,7 @@
 """Evaluation: per-document and by-position metrics against a naive computation, every
 document once, bounded memory for long books, and meliad-eval's outputs and errors."""
 
+import io
 import json
 import math
 import tracemalloc
@@ -14,9 +15,10 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
-from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tf.serving import evaluation
+from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tools import eval as eval_tool
+
 
 L = tiny_run.SEQUENCE_LENGTH
 LOG2_E = 1 / math.log(2)
@@ -63,12 +65,25 @@ def test_document_metrics_equal_a_naive_computation(saved_model, synthetic_test_
   documents = {d["document_id"]: d for d in results["documents"]}
   assert sorted(documents) == [f"synthetic/test/{i}" for i in range(3)]
   bucket_loss, bucket_tokens = np.zeros(100), np.zeros(100)
-  total_loss = total_tokens = 0
+  total_loss = total_tokens = total_answer_loss = total_answer_tokens = 0
   for i in range(3):
     text = synthetic_test_task.source.generate("test", i)
     losses = naive_document_losses(model, np.frombuffer(text, np.uint8).astype(np.int32))
     loss = sum(value for _, value in losses)
+    # Raw bytes: the token at offset o is byte o.
+    answer_bytes = {o for start, end in synthetic_test_task.source.answer_spans("test", i)
+                    for o in range(start, end)}
+    answer_losses = [value for offset, value in losses if offset in answer_bytes]
+    assert answer_losses, "the tiny documents' values must be scored"
     got = documents[f"synthetic/test/{i}"]
+    assert got["answer_tokens"] == len(answer_losses)
+    np.testing.assert_allclose(got["answer_bits_per_token"],
+                               sum(answer_losses) / len(answer_losses) * LOG2_E, rtol=1e-5)
+    np.testing.assert_allclose(
+        got["non_answer_bits_per_token"],
+        (loss - sum(answer_losses)) / (len(losses) - len(answer_losses)) * LOG2_E, rtol=1e-5)
+    total_answer_loss += sum(answer_losses)
+    total_answer_tokens += len(answer_losses)
     # Raw bytes: a predicted token is one byte.
     assert got["tokens"] == got["bytes"] == len(losses)
     assert got["segments"] == -(-len(text) // L)
@@ -85,6 +100,9 @@ def test_document_metrics_equal_a_naive_computation(saved_model, synthetic_test_
   assert aggregate["documents"] == 3 and aggregate["tokens"] == total_tokens
   np.testing.assert_allclose(aggregate["bits_per_token"], total_loss / total_tokens * LOG2_E,
                              rtol=1e-5)
+  assert aggregate["answer_tokens"] == total_answer_tokens
+  np.testing.assert_allclose(aggregate["answer_bits_per_token"],
+                             total_answer_loss / total_answer_tokens * LOG2_E, rtol=1e-5)
   by_offset = results["loss_by_offset"]
   used = np.nonzero(bucket_tokens)[0]
   assert by_offset["bucket_start"] == (used * 100).tolist()
@@ -157,22 +175,26 @@ def test_a_segment_without_its_document_start_is_an_error():
 
 
 def test_progress_bar_shows_documents_rate_and_eta():
-  class Terminal:
-    text = ""
+  stream = io.StringIO()  # not a terminal: redrawn at most every `interval` seconds
+  bar = evaluation.progress_bar(4, stream, interval=0.0)
+  bar.update(1)
+  bar.set_postfix_str("1,000 tokens/s")
+  bar.update(3)
+  bar.close()
+  last = stream.getvalue().split("\r")[-1]
+  assert "4/4" in last and "1,000 tokens/s" in last and "00:00" in last
 
-    def write(self, text):
-      self.text += text
 
-    def flush(self):
-      pass
-
-  stream = Terminal()
-  bar = evaluation.ProgressBar(4, stream, interval=0.0)
-  bar.update(1, 1000)
-  bar.update(4, 4000, final=True)
-  lines = stream.text.splitlines()
-  assert lines[0].startswith("documents 1/4 | ") and "tokens/s | ETA 0:00:" in lines[0]
-  assert lines[-1].startswith("documents 4/4 | ")
+def test_a_source_without_answers_reports_no_answer_metrics():
+  evaluator = evaluation.Evaluator(1, 4, bucket_tokens=4)
+  batch = {"targets": np.ones([1, 4], np.int32), "loss_mask": np.ones([1, 4], bool),
+           "num_chars": np.array([3]), "document_id": np.array([b"x"]),
+           "start_of_sequence": np.array([True])}
+  evaluator.add(batch, -np.ones([1, 4]))
+  evaluator.finish()
+  results = evaluator.results()
+  assert "answer_tokens" not in results["aggregate"]
+  assert "answer_tokens" not in results["documents"][0]
 
 
 def _eval_flags(**overrides):
@@ -188,8 +210,9 @@ def test_meliad_eval_writes_json_and_plot_and_shows_progress(tmp_path, capsys):
   with _eval_flags(output=str(output)):
     eval_tool.main(["meliad-eval"])
   captured = capsys.readouterr()
-  assert "documents 3/3 | " in captured.err
+  assert "3/3" in captured.err and "tokens/s" in captured.err
   assert "synthetic test: 3 documents" in captured.out
+  assert " answer tokens: " in captured.out
   results = json.loads(output.read_text())
   assert results["model"]["family"] == "transformer_xl"
   assert {"bits_per_token", "bits_per_byte", "perplexity", "tokens", "bytes"} <= set(

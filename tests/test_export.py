@@ -16,10 +16,11 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
-from meliad_tf.serving import loading as checkpoint_loading
-from meliad_tf.serving import export
 from meliad_tf.model import language_model as model_lib
+from meliad_tf.serving import export
+from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tools import export as export_tool
+
 
 L = tiny_run.SEQUENCE_LENGTH
 B = tiny_run.BATCH
@@ -339,6 +340,19 @@ def test_every_family_scores_alike_after_reload_and_resets_to_a_document_start(n
   segments = tf.random.stateless_uniform([2, 3, 16], [5, 6], 1, 256, tf.int32).numpy()
   scored = np.stack([o["log_probs"] for o in score_segments(loaded, segments)], axis=1)
   np.testing.assert_allclose(scored, naive_log_probs(model, segments), rtol=RTOL, atol=ATOL)
+  # The stateless signature, the state carried by the caller, gives the same; and
+  # serving_default is score.
+  state = {key.replace("new_state__", "state__"): value
+           for key, value in loaded.signatures["initial_state"]().items()}
+  for index in range(segments.shape[1]):
+    outputs = loaded.signatures["score_segment"](
+        tokens=tf.constant(segments[:, index]),
+        start_of_sequence=tf.constant([index == 0] * 2), **state)
+    np.testing.assert_allclose(outputs["log_probs"], scored[:, index], rtol=RTOL, atol=ATOL)
+    state = {key.replace("new_state__", "state__"): value for key, value in outputs.items()
+             if key.startswith("new_state__")}
+  assert loaded.signatures["serving_default"].structured_outputs.keys() == {
+      "log_probs", "predictions", "loss", "token_count"}
   # After a reset the stream starts afresh (the learned initial state, an empty memory),
   # whatever start_of_sequence says.
   loaded.reset(tf.constant([True, False]))
@@ -361,12 +375,27 @@ def test_every_family_scores_alike_after_reload_and_resets_to_a_document_start(n
                                 tokens[False])
 
 
-def test_a_memory_searched_on_the_host_is_refused(tmp_path):
+def test_a_memory_searched_on_the_host_scores_in_process_but_is_not_exported(tmp_path):
   model = family_model("memorizing", "memory_on_tpu_factory.backend = 'scann'")
   vocabulary = pipelines.RawByteVocabulary()
-  with pytest.raises(ValueError, match="layer_1 search their memory on the host.*XLA"):
-    export.ScoringModule(model, 2, vocabulary, jit_compile=True)
+  tokens = tf.constant(np.arange(1, 33, dtype=np.int32).reshape(2, 16) * 7 % 200 + 1)
+  scored = {}
+  for jit_compile in (False, True):  # XLA clusters around the host's search
+    module = export.ScoringModule(model, 2, vocabulary, jit_compile=jit_compile)
+    scored[jit_compile] = module.score(tokens, tf.constant([True, True]))["log_probs"].numpy()
+  np.testing.assert_allclose(scored[True], scored[False], rtol=RTOL, atol=ATOL)
   with pytest.raises(export.ExportError, match="a SavedModel cannot hold"):
     export.export(export.ScoringModule(model, 2, vocabulary), str(tmp_path / "model"),
                   vocabulary=vocabulary, config_text="", task_name="synthetic", step=0)
   assert os.listdir(tmp_path) == []
+
+
+def test_score_refuses_ids_the_embedding_has_but_the_vocabulary_does_not(clean_gin):
+  """An embedding of 300 rows for the 256 raw bytes: ids 256..299 are no text's tokens."""
+  tiny_run.configure("NUM_EMBEDDINGS = 300", "TransformerTaskConfig.sequence_length = 16")
+  model = model_lib.DecoderOnlyLanguageModel(output_token_losses=True)
+  module = export.ScoringModule(model, 1, pipelines.RawByteVocabulary())
+  module.score(tf.fill([1, 16], 255), tf.constant([True]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"must be in \[0, 256\)"):
+    module.score(tf.fill([1, 16], 280), tf.constant([True]))
+

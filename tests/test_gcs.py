@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARAMS = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
           "Trainer.warmup_steps = 2", "Trainer.max_scheduled_steps = 100",

@@ -12,10 +12,11 @@ from absl.testing import flagsaver
 
 import pipelines
 import tiny_run
+from meliad_tf.model import language_model as model_lib
 from meliad_tf.serving import export
 from meliad_tf.serving import generation
-from meliad_tf.model import language_model as model_lib
 from meliad_tools import generate as generate_tool
+
 
 L = tiny_run.SEQUENCE_LENGTH
 V = tiny_run.VOCAB_SIZE
@@ -410,9 +411,9 @@ def test_generation_of_a_memory_model_leaves_the_scoring_state_alone():
   module = family_module("memorizing")
   tokens = tf.constant(np.arange(1, 2 * SEGMENT + 1, dtype=np.int32).reshape(2, SEGMENT))
   module.score(tokens, tf.constant([True, True]))
-  before = tf.nest.map_structure(lambda v: v.numpy(), module.state)
+  before = module.state.values()
   greedy(module, PROMPTS, NUM_GENERATED, write_memory=tf.constant(True))
-  after = tf.nest.map_structure(lambda v: v.numpy(), module.state)
+  after = module.state.values()
   tf.nest.map_structure(np.testing.assert_array_equal, before, after)
 
 

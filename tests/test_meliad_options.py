@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf.model import layer as layer_lib
 from meliad_tf.layers import memory as memory_lib
 from meliad_tf.layers import mlp
 from meliad_tf.layers import norms
 from meliad_tf.layers import positions
+from meliad_tf.model import layer as layer_lib
 from meliad_tf.model import task_config
 
 

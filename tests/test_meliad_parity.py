@@ -36,6 +36,7 @@ import tensorflow as tf
 from meliad_tf.serving import loading as checkpoint_loading
 from meliad_tf.training import convert
 
+
 GOLDENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meliad_goldens")
 FAMILIES = sorted(name for name in os.listdir(GOLDENS)
                   if os.path.isfile(os.path.join(GOLDENS, name, "outputs.npz")))
@@ -123,13 +124,12 @@ def test_one_adafactor_step_equals_meliads(converted, clean_gin):
 def _restored_trainer(workdir):
   """Our trainer built from the converted workdir's config, restored as a resume would."""
   import gin  # pylint: disable=g-import-not-at-top
-  from meliad_tf.training import checkpoints  # pylint: disable=g-import-not-at-top
   from meliad_tf.training import gin_setup  # pylint: disable=g-import-not-at-top
   from meliad_tf.training import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   gin_setup.parse([os.path.join(workdir, "config.gin")])
   trainer = trainer_lib.Trainer().build()
-  assert checkpoints.CheckpointKeeper(trainer, workdir).restore()
+  assert trainer.checkpoint_keeper(workdir).restore()
   return trainer
 
 
@@ -167,3 +167,22 @@ def test_factored_adafactor_steps_equal_meliads(shape):
   expected = golden[f"{key}/param"] - _adafactor_inputs(shape, 0)[0][:rows]
   np.testing.assert_allclose(update, expected, rtol=0,
                              atol=UPDATE_RELATIVE_TOLERANCE * np.max(np.abs(expected)))
+
+
+def test_in_meliad_the_memory_gate_moves_at_adafactors_floor():
+  """Meliad's own Adafactor step (memory_bucketed, at learning rate lr): the memory gate's
+  bias, initialised to 0, moves by under lr x 1e-3 (its RMS is floored at 1e-3), the
+  projections next to it by lr x several 1e-2: the slow gate is Meliad's behaviour, which
+  options/gates_unscaled.gin changes."""
+  golden = _golden("memory_bucketed")
+  before = convert.flatten(convert.read_flax_checkpoint(
+      convert.latest_checkpoint(os.path.join(GOLDENS, "memory_bucketed"))))
+  learning_rate = float(golden["train_learning_rate"])
+
+  def moved(path):
+    old = next(v for k, v in before.items() if k.endswith(path) and "target" in k)
+    return np.abs(golden["param/" + path] - old).max() / learning_rate
+
+  gate = moved("decoder/transformer1/external_memory_bias")
+  kernel = moved("decoder/transformer1/tbase/post_attn_mlp/output_layer/kernel")
+  assert 0 < gate < 1e-3 and kernel > 1e-2, (gate, kernel)

@@ -3,6 +3,7 @@ mixture against numpy, and the memory as trainer state (checkpoints, two replica
 
 import collections
 import logging
+import sys
 
 import gin
 import numpy as np
@@ -10,15 +11,15 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from meliad_tf.training import checkpoints
-from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup
 from meliad_tf.layers import host_search
-from meliad_tf.model import layer as layer_lib
 from meliad_tf.layers import memory as memory_lib
+from meliad_tf.model import decoder
 from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
 from meliad_tf.model import task_config
+from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
+
 
 ON_DEVICE = ("bucketed", "exact", "approx_max_k")
 
@@ -455,6 +456,20 @@ def test_unknown_backend_is_refused():
     make_memory("faiss")
 
 
+def test_the_scann_backend_without_scann_names_the_extra(monkeypatch):
+  # As where the extra is not installed: every import of scann fails.
+  for name in [n for n in sys.modules if n == "scann" or n.startswith("scann.")] + ["scann"]:
+    monkeypatch.setitem(sys.modules, name, None)
+  with pytest.raises(ValueError, match=r"backend = 'scann' needs ScaNN.*pip install "
+                                       r"'meliad-tf\[scann\]'"):
+    make_memory("scann")
+  # Chosen in gin, the error comes when the model is built, before any step.
+  parse("options/external_memory_8k.gin", "options/memory_backend_scann.gin")
+  with pytest.raises(ValueError, match=r"meliad-tf\[scann\]"):
+    model_lib.DecoderOnlyLanguageModel()
+  make_memory("bucketed")  # the other backends need no ScaNN
+
+
 # ---------------------------------------------------------------------------------------
 # Gin files
 
@@ -524,7 +539,7 @@ def test_memory_state_round_trips_through_a_checkpoint(tmp_path):
   assert np.all(memory["index"] == 3 * 256)  # the ring has turned: 768 entries, 512 slots
   assert np.any(memory["keys"][:, :, :256]) and np.any(memory["keys"][:, :, 256:])
   restored = build_trainer("Trainer.num_steps = 3")
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   tf.nest.map_structure(np.testing.assert_array_equal, restored.train_state.values(), saved)
   # The restored run continues exactly as the original one.
   np.testing.assert_allclose(restored.train_step()[1]["loss"], trained.train_step()[1]["loss"],
@@ -620,7 +635,7 @@ def test_scann_memory_is_rebuilt_from_the_restored_state(tmp_path):
   trained = build_trainer(*bindings, files=gin_files)
   trained.train(str(tmp_path))
   restored = build_trainer(*bindings, files=gin_files)
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   np.testing.assert_allclose(restored.train_step()[1]["loss"], trained.train_step()[1]["loss"],
                              rtol=1e-6)
 

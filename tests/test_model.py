@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 
 from meliad_tf.model import decoder
-from meliad_tf.model import layer
 from meliad_tf.model import language_model as model
+from meliad_tf.model import layer
 from meliad_tf.model import task_config as task_config_lib
 
 
@@ -135,6 +135,39 @@ def test_loss_is_the_sum_of_masked_next_token_cross_entropies():
   np.testing.assert_allclose(summary["bits_per_token"], want / count / np.log(2), rtol=1e-5)
   np.testing.assert_allclose(summary["bits_per_char"], want / 10 / np.log(2), rtol=1e-5)
   np.testing.assert_allclose(summary["perplexity"], np.exp(want / count), rtol=1e-5)
+
+
+def test_answer_tokens_are_summed_apart_from_the_rest():
+  lm = tiny_model()
+  targets = np.array([[5, 6, 7, 8, 9, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
+  loss_mask = np.ones([2, 8], bool)
+  loss_mask[1, 2] = False
+  answer_mask = np.zeros([2, 8], bool)
+  answer_mask[0, [1, 2, 6]] = True  # position 6 predicts padding: not counted
+  answer_mask[1, [2, 3, 7]] = True  # 2 is outside the loss mask, 7 predicts nothing
+  batch = {"targets": tf.constant(targets), "start_of_sequence": tf.constant([True, True]),
+           "loss_mask": tf.constant(loss_mask), "answer_mask": tf.constant(answer_mask)}
+  loss, metrics, _ = lm(batch, lm.initial_state(2))
+  logits, _ = lm.decoder(tf.constant(targets), tf.constant([True, True]), lm.initial_state(2))
+  logp = tf.nn.log_softmax(logits).numpy().astype(np.float64)
+  answer_loss, answer_count, answer_correct = 0.0, 0, 0
+  for b, t in ((0, 1), (0, 2), (1, 3)):
+    answer_loss -= logp[b, t, targets[b, t + 1]]
+    answer_count += 1
+    answer_correct += int(np.argmax(logp[b, t]) == targets[b, t + 1])
+  np.testing.assert_allclose(metrics["answer_loss"].numpy(), answer_loss, rtol=1e-5)
+  assert metrics["answer_token_count"].numpy() == answer_count
+  assert metrics["answer_correct"].numpy() == answer_correct
+  summary = model.summarize({k: v.numpy() for k, v in metrics.items()})
+  np.testing.assert_allclose(summary["answer_bits_per_token"],
+                             answer_loss / answer_count / np.log(2), rtol=1e-5)
+  count = metrics["token_count"].numpy()
+  np.testing.assert_allclose(summary["non_answer_bits_per_token"],
+                             (loss.numpy() - answer_loss) / (count - answer_count) / np.log(2),
+                             rtol=1e-5)
+  without = model.summarize({k: v.numpy() for k, v in metrics.items()
+                             if not k.startswith("answer_")})
+  assert not any(key.startswith(("answer_", "non_answer_")) for key in without)
 
 
 def test_logits_are_tied_embedding_products_divided_by_sqrt_vocab():

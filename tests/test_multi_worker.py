@@ -26,7 +26,9 @@ import tensorflow as tf
 
 from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
+from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
+
 
 PARAMS = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
           "TransformerTaskConfig.batch_size = 1", "Trainer.warmup_steps = 2",
@@ -92,8 +94,8 @@ class Cluster:
       return f.read()
 
 
-def step_losses(workdir):
-  path = os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)
+def read_step_losses(workdir):
+  path = os.path.join(workdir, step_losses.FILE_NAME)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -126,8 +128,8 @@ def test_two_hosts_compute_what_one_mirrored_process_does(two_worker_run, tmp_pa
     trainer_lib.Trainer().build(strategy).train(str(tmp_path))
   finally:
     gin.clear_config()
-  hosts = [record["loss"] for record in step_losses(workdir)]
-  one_process = [record["loss"] for record in step_losses(str(tmp_path))]
+  hosts = [record["loss"] for record in read_step_losses(workdir)]
+  one_process = [record["loss"] for record in read_step_losses(str(tmp_path))]
   assert len(hosts) == NUM_STEPS
   np.testing.assert_allclose(hosts, one_process, rtol=1e-5)
   expected = checkpoint_tensors(str(tmp_path))
@@ -145,14 +147,14 @@ def test_only_the_chief_writes_the_workdir(two_worker_run):
   assert len(events) == 1 and f".{cluster.processes[0].pid}." in events[0]
   assert [name for name in names if name not in events] == [
       "checkpoints", "config.gin", checkpoints.DATA_SIGNATURE_FILE, checkpoints.SIGNATURE_FILE,
-      trainer_lib.STEP_LOSSES_FILE]
+      step_losses.FILE_NAME]
   assert "TensorBoard logs" in cluster.log(0) and "TensorBoard logs" not in cluster.log(1)
   if not cluster.read_only_worker:
     pytest.skip("no mount namespace here: the other worker's view was not read-only")
 
 
 def _wait_for_steps(workdir, count, cluster, deadline):
-  while len(step_losses(workdir)) < count:
+  while len(read_step_losses(workdir)) < count:
     assert time.monotonic() < deadline, cluster.log(0)[-3000:]
     assert all(p.poll() is None for p in cluster.processes), cluster.log(0)[-3000:]
     time.sleep(0.05)
@@ -171,12 +173,12 @@ def test_a_killed_worker_stops_the_other_and_a_restart_continues(two_worker_run,
   cluster.processes[1].wait()
   assert code != 0 and stopped_after < 60, (code, stopped_after)
   assert "lost contact with another host" in cluster.log(0)
-  recorded_before = step_losses(workdir)
+  recorded_before = read_step_losses(workdir)
 
   restarted = Cluster(workdir, NUM_STEPS, checkpoint_every_steps=4)
   assert restarted.wait(timeout=600) == [0, 0], restarted.log(0)[-3000:]
-  expected = {r["step"]: r["loss"] for r in step_losses(reference_dir)}
-  final = step_losses(workdir)
+  expected = {r["step"]: r["loss"] for r in read_step_losses(reference_dir)}
+  final = read_step_losses(workdir)
   assert [r["step"] for r in final] == list(range(NUM_STEPS))
   for record in final + recorded_before:
     np.testing.assert_allclose(record["loss"], expected[record["step"]], rtol=1e-6,
@@ -191,7 +193,7 @@ def test_sigterm_to_one_worker_gives_one_checkpoint_and_both_exit_143(tmp_path):
   _wait_for_steps(workdir, 3, cluster, time.monotonic() + 300)
   cluster.processes[1].send_signal(signal.SIGTERM)
   assert cluster.wait(timeout=60) == [143, 143], cluster.log(0)[-3000:]
-  steps_done = len(step_losses(workdir))
+  steps_done = len(read_step_losses(workdir))
   directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIRECTORY)
   assert sorted(n for n in os.listdir(directory) if n.endswith(".index")) == [
       f"ckpt-{steps_done}.index"]

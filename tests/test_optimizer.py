@@ -12,6 +12,7 @@ import tensorflow as tf
 from meliad_tf.training import optimizer
 from meliad_tf.training import schedules
 
+
 RTOL = 1e-5
 ATOL_FRACTION = 1e-6
 
@@ -195,6 +196,35 @@ def test_zero_initialised_parameter_moves_at_the_epsilon2_floor():
   opt.build([param])
   opt.apply_gradients([tf.fill([32], 3.0)], [param], tf.constant(0.5))
   np.testing.assert_allclose(param.numpy(), -0.5 * 1e-3 * 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_unscaled_parameters_take_steps_of_the_learning_rate(mode):
+  """The gates named by `unscaled_parameters` move as with multiply_by_parameter_scale off; the
+  rest as before."""
+  cases = [("layer_1/external_memory_bias", *ADAFACTOR_CASES[6][1:]),  # zero-initialised
+           ("layer_1/mlp/gate_bias", *ADAFACTOR_CASES[4][1:]),
+           ("layer_1/mlp/kernel", *ADAFACTOR_CASES[0][1:])]
+  opt = optimizer.FlaxAdafactorConfig(
+      unscaled_parameters=("external_memory_bias", "gate_bias")).create()
+  history, _ = _run(opt, cases, mode)
+  for name, init, grads in cases:
+    unscaled = not name.endswith("kernel")
+    want, _, _ = reference_adafactor(init, grads, LEARNING_RATES,
+                                     multiply_by_parameter_scale=not unscaled)
+    for t, (got, expected) in enumerate(zip(history[name], want)):
+      assert_close(got, expected, f"{name} after step {t}")
+  # Unscaled, the zero-initialised gate moves 1000 times further than at the epsilon2 floor.
+  scaled, _, _ = reference_adafactor(cases[0][1], cases[0][2], LEARNING_RATES)
+  np.testing.assert_allclose(history[cases[0][0]][-1], 1000 * scaled[-1], rtol=1e-4)
+
+
+def test_unscaled_parameters_that_match_nothing_or_do_not_parse_are_refused():
+  kernel = tf.Variable(tf.ones([3]), name="layer_0/kernel")
+  with pytest.raises(ValueError, match=r"unscaled_parameters \['gate_bias'\] match no parameter"):
+    optimizer.Adafactor(unscaled_parameters=("gate_bias",)).build([kernel])
+  with pytest.raises(ValueError, match=r"'\(' is not a regular expression"):
+    optimizer.Adafactor(unscaled_parameters=("(",))
 
 
 @pytest.mark.parametrize("shape,dims", [

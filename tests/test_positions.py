@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from meliad_tf.layers import positions
 
+
 # Distance -> bucket ranges from the spec's table (buckets 16..31).
 _T5_LOG_BUCKETS = [(16, 18), (19, 20), (21, 23), (24, 26), (27, 30), (31, 34), (35, 39),
                    (40, 45), (46, 51), (52, 58), (59, 66), (67, 76), (77, 86), (87, 98),

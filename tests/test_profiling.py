@@ -11,6 +11,7 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 from meliad_tf.benchmarks import profiling
 from meliad_tf.layers import scopes
 
+
 HLO = """
 HloModule example
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from meliad_tf.training import checkpoints
-from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup
-from meliad_tf.model import layer as layer_lib
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.layers import recurrence
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
 from meliad_tf.model import task_config as task_config_lib
+from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
+
 
 EMBED = 16
 HEADS = 2
@@ -632,7 +632,7 @@ def test_recurrent_state_round_trips_through_a_checkpoint(tmp_path):
   saved = trained.train_state.values()
   assert np.abs(saved["layer_0"]["recurrent"]).max() > 0
   restored = build_trainer("Trainer.num_steps = 2")
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   tf.nest.map_structure(np.testing.assert_array_equal, restored.train_state.values(), saved)
   # And the restored run continues exactly as the original would.
   np.testing.assert_allclose(restored.train_step()[1]["loss"], trained.train_step()[1]["loss"],

@@ -26,7 +26,9 @@ import pytest
 import tensorflow as tf
 
 from meliad_tf.training import checkpoints
+from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
+
 
 TINY = ["NUM_LAYERS = 1", "EMBED_DIM = 32", "NUM_HEADS = 2", "HEAD_DIM = 16", "MLP_DIM = 64",
         "Trainer.warmup_steps = 2", "Trainer.max_scheduled_steps = 100",
@@ -94,7 +96,7 @@ def _start(command, workdir, attempt):
 
 def read_step_losses(workdir):
   """Every record of step_losses.jsonl, in order: [(step, loss)]."""
-  path = os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)
+  path = os.path.join(workdir, step_losses.FILE_NAME)
   if not os.path.exists(path):
     return []
   with open(path) as f:

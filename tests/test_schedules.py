@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from meliad_tf.training import schedules
 
+
 MAX_STEPS = 10_000
 
 # float32 schedule arithmetic against float64 formulas.

@@ -17,17 +17,19 @@ import gin
 import pytest
 import tensorflow as tf
 
-from meliad_tf.training import checkpoints
+from meliad_tf.common import storage
 from meliad_tf.serving import export
+from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
 from meliad_tf.training import plots
-from meliad_tf.common import storage
+from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
 from meliad_tools import eval as eval_tool
 from meliad_tools import export as export_tool
 from meliad_tools import generate as generate_tool
 from meliad_tools import plot as plot_tool
 from meliad_tools import vocab as vocab_tool
+
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -174,7 +176,7 @@ def test_a_whole_cycle_on_the_in_memory_filesystem(tmp_path, monkeypatch, clean_
   assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(workdir)) == 2
   resumed = _train(task, model_path, workdir, num_steps=4)
   assert resumed.step == 4
-  losses = storage.read_text(f"{workdir}/{trainer_lib.STEP_LOSSES_FILE}").splitlines()
+  losses = storage.read_text(f"{workdir}/{step_losses.FILE_NAME}").splitlines()
   assert [json.loads(line)["step"] for line in losses] == [0, 1, 2, 3]
   assert "files_tokens" in storage.read_text(f"{workdir}/config.gin")
 

@@ -6,12 +6,16 @@ import os
 import gin
 import numpy as np
 import pytest
+from tensorboard.plugins.hparams import plugin_data_pb2
 import tensorflow as tf
 
 from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
+from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import plots
+from meliad_tf.training import step_losses
 from meliad_tf.training import trainer as trainer_lib
+
 
 TINY = ["base_htrans.gin", "size/tiny_test.gin"]
 
@@ -48,7 +52,7 @@ def test_restore_continues_step_count_and_losses(tmp_path):
   first.train(str(tmp_path))
   assert first.step == 6
   resumed = build("Trainer.num_steps = 6", "Trainer.test_every_steps = 0")
-  keeper = checkpoints.CheckpointKeeper(resumed, str(tmp_path))
+  keeper = resumed.checkpoint_keeper(str(tmp_path))
   assert keeper.restore()
   assert resumed.step == 6
 
@@ -57,7 +61,7 @@ def test_restore_continues_step_count_and_losses(tmp_path):
   workdir = tmp_path / "mid"
   build("Trainer.num_steps = 3", "Trainer.test_every_steps = 0").train(str(workdir))
   continued = build(*params)
-  keeper = checkpoints.CheckpointKeeper(continued, str(workdir))
+  keeper = continued.checkpoint_keeper(str(workdir))
   keeper.restore()
   assert continued.step == 3
   continued_losses = [continued.train_step()[1]["loss"] for _ in range(3)]
@@ -100,7 +104,7 @@ def test_mirrored_state_round_trips_through_a_checkpoint(tmp_path):
   trained.train(str(tmp_path))
   saved = trained.train_state.values()
   restored = build(*params, strategy=strategy)
-  checkpoints.CheckpointKeeper(restored, str(tmp_path)).restore()
+  restored.checkpoint_keeper(str(tmp_path)).restore()
   per_replica = [c.numpy() for c in strategy.experimental_local_results(
       restored.train_state.live["layer_0"]["keys"])]
   np.testing.assert_array_equal(per_replica[0], saved["layer_0"]["keys"][:1])
@@ -140,7 +144,7 @@ def test_steps_per_loop_keeps_losses_summaries_tests_and_checkpoints(jit_compile
     trainer.train_steps = lambda n, signal=None: calls.append(n) or run_steps(n, signal)
     trainer.train(workdir)
     losses = [json.loads(line)["loss"] for line in
-              open(os.path.join(workdir, trainer_lib.STEP_LOSSES_FILE)).read().splitlines()]
+              open(os.path.join(workdir, step_losses.FILE_NAME)).read().splitlines()]
     scalars = plots.read_scalars(workdir)
     state = tf.train.get_checkpoint_state(os.path.join(workdir, checkpoints.CHECKPOINT_DIRECTORY))
     runs[steps_per_loop] = (calls, losses, scalars,
@@ -171,3 +175,91 @@ def test_test_loss_is_the_mean_over_the_cycle_of_each_steps_summed_loss(tmp_path
   (step, logged), = plots.read_scalars(str(tmp_path))["test/loss"]
   assert step == 0
   np.testing.assert_allclose(logged, total / 3, rtol=1e-5)
+
+
+def test_the_run_records_its_config_and_hyperparameters(tmp_path):
+  """As Meliad writes it, the operative config as a text summary; and TensorBoard's HParams."""
+  trainer = build("Trainer.num_steps = 1", "Trainer.test_every_steps = 0")
+  trainer.train(str(tmp_path))
+  tags = {}
+  for path in tf.io.gfile.glob(str(tmp_path / "events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        tags[value.tag] = value
+  config = tf.make_ndarray(tags["config"].tensor).item().decode()
+  assert "Trainer.num_steps = 1" in config and "NUM_LAYERS = 1" in config
+  assert tags["config"].metadata.plugin_data.plugin_name == "text"
+  session = tags["_hparams_/session_start_info"]
+  assert session.metadata.plugin_data.plugin_name == "hparams"
+  content = plugin_data_pb2.HParamsPluginData.FromString(session.metadata.plugin_data.content)
+  hparams = content.session_start_info.hparams
+  assert hparams["num_layers"].number_value == 1
+  assert hparams["dataset"].string_value == "synthetic"
+
+
+def test_test_cycle_reports_the_answer_tokens_apart(tmp_path):
+  """On the synthetic fact-recall documents, the values asked again are scored apart."""
+  facts_params = ["pipelines.synthetic.document_length = 250", "pipelines.synthetic.num_facts = 3"]
+  trainer = build("Trainer.num_steps = 1", "Trainer.test_every_steps = 1",
+                  "Trainer.num_test_steps = 4", *facts_params)
+  # Each test document fits one segment, so every byte of its three 8-byte values is predicted.
+  source = trainer.task.source
+  assert max(len(source.generate("test", i)) for i in range(16)) < trainer.sequence_length
+  metrics = trainer.train(str(tmp_path))
+  assert metrics["answer_token_count"] == 4 * 3 * 8
+  answer_bits = metrics["answer_bits_per_token"] * metrics["answer_token_count"]
+  other_bits = metrics["non_answer_bits_per_token"] * (metrics["token_count"] - 4 * 3 * 8)
+  np.testing.assert_allclose(answer_bits + other_bits,
+                             metrics["bits_per_token"] * metrics["token_count"], rtol=1e-4)
+  assert metrics["answer_bits_per_token"] > metrics["non_answer_bits_per_token"]
+  scalars = plots.read_scalars(str(tmp_path))
+  (_, logged), = scalars["test/answer_bits_per_token"]
+  np.testing.assert_allclose(logged, metrics["answer_bits_per_token"], rtol=1e-6)
+
+
+def test_the_trainer_leaves_the_named_gates_unscaled():
+  """options/gates_unscaled.gin: after two steps (the first has learning rate 0), the memory
+  gate, which starts at 0, has moved 1000 times as far as at Adafactor's floor of 1e-3, and
+  nothing else differs."""
+  import tiny_run  # pylint: disable=g-import-not-at-top
+  moved = {}
+  for option in ([], ["include 'options/gates_unscaled.gin'"]):
+    tiny_run.configure("Trainer.num_steps = 2", *tiny_run.MEMORIZING)
+    if option:
+      gin.parse_config(option)
+    trainer = trainer_lib.Trainer().build()
+    for _ in range(2):
+      trainer.train_step()
+    moved[bool(option)] = {v.name: v.numpy() for v in trainer.params}
+  gate = next(name for name in moved[True] if "external_memory_bias" in name)
+  assert np.abs(moved[False][gate]).max() > 0
+  np.testing.assert_allclose(moved[True][gate], 1000 * moved[False][gate], rtol=1e-3)
+  for name, value in moved[False].items():
+    if name != gate:
+      np.testing.assert_array_equal(moved[True][name], value, err_msg=name)
+
+
+_RECURRENT = ["DecoderStack.recurrent_layer_indices = (-1,)",
+              "TransformerLayer.recurrent_num_states = 8"]
+
+
+@pytest.mark.parametrize("family, gates", [
+    ("memory", {"external_memory_bias"}),
+    ("recurrent_bias", {"recurrent_tbase/post_attn_mlp/gate_bias", "recurrent_tbase/ffn/gate_bias"}),
+    ("recurrent_lstm", {f"recurrent_tbase/{mlp}/{gate}_gate/bias"
+                        for mlp in ("post_attn_mlp", "ffn") for gate in ("forget", "input")}),
+])
+def test_gates_unscaled_names_the_gates_and_nothing_else(family, gates):
+  import tiny_run  # pylint: disable=g-import-not-at-top
+  from meliad_tf.model import language_model  # pylint: disable=g-import-not-at-top
+  params = {"memory": tiny_run.MEMORIZING, "recurrent_bias": _RECURRENT,
+            "recurrent_lstm": _RECURRENT + ["TransformerLayer.recurrent_gate_type = 'lstm'"]}
+  tiny_run.configure(*params[family])
+  gin.parse_config("include 'options/gates_unscaled.gin'")
+  names = [optimizer_lib.param_key(v)
+           for v in language_model.DecoderOnlyLanguageModel().trainable_variables]
+  adafactor = optimizer_lib.FlaxAdafactorConfig().create()
+  unscaled = {name.split("/layer_1/")[-1] for name in names
+              if not adafactor.scales_by_parameter(name)}
+  assert unscaled == gates

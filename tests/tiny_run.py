@@ -18,6 +18,7 @@ from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
 
+
 SEQUENCE_LENGTH = 32
 WINDOW = 16
 BATCH = 2

@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 
+
 BENCHMARKS = ("data", "train", "memory", "recurrent", "eval", "profile")
 # What `all` runs, with flags that keep it to the sizes the README's table reports (the
 # memory benchmark's default sweep up to 128k entries takes hours and 14 GB).

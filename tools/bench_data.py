@@ -38,6 +38,7 @@ from absl import flags
 
 import pipelines
 
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("corpus_dir", os.path.join(os.path.expanduser("~"), ".cache", "meliad-tf", "bench"),

@@ -33,9 +33,10 @@ import tensorflow as tf
 
 import pipelines
 from meliad_tf.benchmarks import timing as benchmark
+from meliad_tf.model import language_model as model_lib
 from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
-from meliad_tf.model import language_model as model_lib
+
 
 FLAGS = flags.FLAGS
 

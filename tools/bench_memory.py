@@ -10,7 +10,7 @@ the same config without memory, all in one run. The memory is filled with random
 keys before timing (a full memory is the costly case: the dense search does not care,
 but ScaNN does), and documents are made long enough that no stream resets while timed.
 All steps are XLA's (with scann, everything in them but the host's search: see
-trainer.xla_around_host_calls). Each configuration is timed in alternation with the
+steps.xla_around_host_calls). Each configuration is timed in alternation with the
 baseline, one step of each per round, so that both see the same machine load; times are
 the best of the rounds, with medians.
 
@@ -31,6 +31,7 @@ import tensorflow as tf
 from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.layers import host_search
 from meliad_tf.layers import memory as memory_lib
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "small_test", "Size config under configs/size/.")

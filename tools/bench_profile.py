@@ -23,9 +23,10 @@ import sys
 from absl import app
 from absl import flags
 
-from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.benchmarks import profiling
+from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.training import trainer as trainer_lib
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", None, "Gin files, in order (default: base_htrans.gin "
@@ -52,15 +53,13 @@ def profile(gin_files, gin_params, step, steps, top, trace_dir=None):
         "on the host (memory_on_tpu_factory.backend = 'scann'), so the step is XLA clusters "
         "around a host call rather than the one XLA program this profile reads; profile it "
         "with the bucketed or exact backend")
+  batches = trainer.next_training_batches(1)
   if step == "train":
-    compiled, run_step = trainer.train_function, trainer.train_step
-    _, arguments = trainer.train_call_arguments(1)
+    compiled, run_step = trainer.steps.train_function, trainer.train_step
+    arguments = trainer.steps.training_arguments(batches)
   else:
-    # pylint: disable=protected-access
-    _, batch = trainer._next_batch(trainer.train_iterator)
-    compiled, arguments = trainer._test_step, (batch,)
-    run_step = lambda: {k: v.numpy() for k, v in trainer._test_step(batch).items()}
-    # pylint: enable=protected-access
+    compiled, arguments = trainer.steps.test_function, (trainer.steps.model_inputs(batches[0]),)
+    run_step = lambda: {k: v.numpy() for k, v in compiled(*arguments).items()}
   result = profiling.profile_step(run_step, compiled, arguments, steps=steps,
                                   logdir=trace_dir, top=top)
   result.update(config=list(gin_files) + list(gin_params), step=step, steps=steps)

@@ -20,6 +20,7 @@ from absl import flags
 
 from meliad_tf.benchmarks import timing as benchmark
 
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 8, "Timed rounds; each times one step of every model.")
 flags.DEFINE_list("windows", ["256", "512"], "Window lengths W (the segment is 512 tokens).")

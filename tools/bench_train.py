@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from meliad_tf.benchmarks import timing as benchmark
 
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["tiny_test", "small_test"], "Size configs under configs/size/.",
                   allow_override=True)

@@ -19,6 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
+
 FLAGS = flags.FLAGS
 # Flags allow overriding, as the other tools' do: one process (a test session) imports several.
 flags.DEFINE_string("meliad_workdir", "", "Meliad's workdir: config.gin and checkpoint_<step>.",

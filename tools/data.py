@@ -21,13 +21,14 @@ import json
 import sys
 import time
 
-import gin
 from absl import app
 from absl import flags
 import tensorflow as tf
 
-from meliad_tf.common import storage
 import pipelines
+from meliad_tf.common import storage
+from meliad_tf.training import gin_setup
+
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +67,7 @@ def _task() -> pipelines.Task:
     except ValueError as e:
       raise app.UsageError(f"--dump={FLAGS.dump}: {e}") from e
   try:
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_param)
+    gin_setup.parse(FLAGS.gin_file, FLAGS.gin_param)
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
     vocab = pipelines.make_vocabulary(FLAGS.vocab) if FLAGS.vocab else None
     if pipelines.is_source_name(FLAGS.source):

@@ -7,7 +7,8 @@
 Every document of the split is scored once, in order, B at a time, with the model's
 state carried from segment to segment (the pipelines' evaluation mode). Printed and
 written as JSON: per document and in aggregate, bits per token, bits per byte,
-perplexity, token and byte counts; and a PNG of mean loss against the token offset in
+perplexity, token and byte counts (and, where the source marks answers, as the synthetic
+fact-recall documents do, the answer tokens' bits per token and the other tokens'); and a PNG of mean loss against the token offset in
 the document (--plot, by default next to --output). Progress goes to stderr.
 
 --source is a task name (pg19_bytes, files_tokens:/data/*.txt, ...) or a source short
@@ -23,10 +24,11 @@ import sys
 from absl import app
 from absl import flags
 
+import pipelines
+from meliad_tf.common import storage
 from meliad_tf.serving import evaluation
 from meliad_tf.serving import export
-from meliad_tf.common import storage
-import pipelines
+
 
 FLAGS = flags.FLAGS
 # Flags allow overriding: the tools share flag names (with the same meanings), and one process
@@ -99,19 +101,27 @@ def open_model_and_task():
   return handle, task
 
 
+def _answers(metrics):
+  """The answer tokens' part of a result line, where the source marks answers."""
+  if "answer_tokens" not in metrics:
+    return ""
+  return (f"; {metrics['answer_tokens']} answer tokens: {metrics['answer_bits_per_token']:.4f} "
+          f"bits/token, the others {metrics['non_answer_bits_per_token']:.4f}")
+
+
 def print_results(results, limit):
   documents = results["documents"]
   for document in documents[:limit]:
     print(f"{document['document_id']}: {document['tokens']} tokens, {document['bytes']} bytes, "
           f"{document['bits_per_token']:.4f} bits/token, {document['bits_per_byte']:.4f} "
-          f"bits/byte, perplexity {document['perplexity']:.3f}")
+          f"bits/byte, perplexity {document['perplexity']:.3f}{_answers(document)}")
   if len(documents) > limit:
     print(f"... {len(documents) - limit} more documents")
   total = results["aggregate"]
   print(f"{results['task']} {results['split']}: {total['documents']} documents, "
         f"{total['tokens']} tokens, {total['bytes']} bytes: {total['bits_per_token']:.4f} "
         f"bits/token, {total['bits_per_byte']:.4f} bits/byte, perplexity "
-        f"{total['perplexity']:.3f} ({results['seconds']:.1f} s)")
+        f"{total['perplexity']:.3f}{_answers(total)} ({results['seconds']:.1f} s)")
 
 
 def main(argv):

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from meliad_tf.serving import export
 
+
 FLAGS = flags.FLAGS
 # Flags allow overriding: the tools share flag names (with the same meanings), and one process
 # (a test session) may import several of them.

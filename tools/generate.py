@@ -24,11 +24,12 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+import pipelines
+from meliad_tf.common import storage
 from meliad_tf.serving import evaluation
 from meliad_tf.serving import export
 from meliad_tf.serving import generation
-from meliad_tf.common import storage
-import pipelines
+
 
 FLAGS = flags.FLAGS
 # Flags allow overriding: the tools share flag names (with the same meanings), and one process

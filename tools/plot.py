@@ -11,6 +11,7 @@ from absl import flags
 
 from meliad_tf.training import plots
 
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR (repeatable); a bare WORKDIR, also "
                           "gs://BUCKET/RUN, is its own label.")

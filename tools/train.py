@@ -16,10 +16,11 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
+import pipelines
 from meliad_tf.training import distribution
 from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
-import pipelines
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", ["base_htrans.gin"],
@@ -30,6 +31,8 @@ flags.DEFINE_list("gin_search_paths", [], "Extra directories searched for gin fi
 flags.DEFINE_string("workdir", "", "Checkpoints, TensorBoard summaries and config.gin.")
 flags.DEFINE_string("load_dir", "", "A workdir to start from if --workdir has no checkpoint.")
 flags.DEFINE_string("default_data_dir", None, "TensorFlow Datasets data directory.")
+flags.DEFINE_bool("force", False, "Take the workdir over from the run whose lock holds it "
+                  "(after a crash on another host; see meliad_tf/training/workdir_lock.py).")
 flags.DEFINE_string("tpu", "", "TPU name or address ('local' on a TPU VM); implies "
                     "--strategy=tpu.")
 flags.DEFINE_enum("strategy", "default", list(distribution.STRATEGIES),
@@ -46,7 +49,7 @@ def _train():
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
   strategy = distribution.make_strategy(FLAGS.strategy, FLAGS.tpu)
   trainer = trainer_lib.Trainer().build(strategy)
-  return trainer, trainer.train(FLAGS.workdir, FLAGS.load_dir)
+  return trainer, trainer.train(FLAGS.workdir, FLAGS.load_dir, force=FLAGS.force)
 
 
 def main(argv):

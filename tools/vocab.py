@@ -18,13 +18,14 @@ piece written as \\\\, \\n and \\t.
 
 import io
 
-import gin
 from absl import app
 from absl import flags
 from absl import logging
 
-from meliad_tf.common import storage
 import pipelines
+from meliad_tf.common import storage
+from meliad_tf.training import gin_setup
+
 
 FLAGS = flags.FLAGS
 
@@ -139,7 +140,7 @@ def main(argv):
   if FLAGS.max_documents is not None and FLAGS.max_documents <= 0:
     raise app.UsageError(f"--max_documents must be positive, got {FLAGS.max_documents}.")
   try:
-    gin.parse_config_files_and_bindings([], FLAGS.gin_param)
+    gin_setup.parse([], FLAGS.gin_param)
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
     if pipelines.is_source_name(FLAGS.source):
       source = pipelines.make_source(FLAGS.source)

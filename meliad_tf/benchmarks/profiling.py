@@ -10,6 +10,9 @@ every matrix product. On devices other than the CPU the trace names differ; the 
 says how little of the time it could attribute.
 
 The trace flag must be in XLA_FLAGS before XLA first compiles (`enable_tracing`).
+
+Hand-written because TensorBoard's profiler shows an XLA step as its executed instructions
+(fusions, custom calls), not as the model's parts: the join with the HLO's op names is ours.
 """
 
 import bisect
@@ -23,6 +26,7 @@ import time
 import tensorflow as tf
 
 from meliad_tf.layers import scopes
+
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 # Events of the runtime itself, not of an HLO instruction.

@@ -159,8 +159,7 @@ class TimedTrainer:
       prepare(self.trainer)
     self.tokens = self.trainer.global_batch_size * self.trainer.sequence_length
     self.flops_per_token = model_flops_per_token(self.trainer)
-    # pylint: disable-next=protected-access
-    _, self.batch = self.trainer._next_batch(self.trainer.train_iterator)
+    self.batch = self.trainer.steps.model_inputs(self.trainer.next_training_batches(1)[0])
     self.compile_train = _seconds(self.train_step)
     self.compile_eval = _seconds(self.eval_step)
     gin.clear_config()
@@ -173,12 +172,10 @@ class TimedTrainer:
     self.trainer.train_steps(self.trainer.steps_per_loop)
 
   def next_batch(self):
-    # pylint: disable-next=protected-access
-    self.trainer._next_batch(self.trainer.train_iterator)
+    self.trainer.steps.model_inputs(self.trainer.next_training_batches(1)[0])
 
   def eval_step(self):
-    # pylint: disable-next=protected-access
-    for value in self.trainer._test_step(self.batch).values():
+    for value in self.trainer.steps.test_function(self.batch).values():
       value.numpy()  # waits for the step to finish
 
   def time_round(self):

@@ -8,6 +8,7 @@ import tensorflow as tf
 from meliad_tf.layers import positions
 from meliad_tf.layers import scopes
 
+
 MASK_VALUE = -1_000_000.0
 SOFTMAX_FLOOR = -1000.0
 # Queries per block of the banded sliding-window attention (see sliding_window_attention).

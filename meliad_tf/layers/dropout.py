@@ -6,10 +6,12 @@ mode and under XLA for the same seed and algorithm (checked on TF 2.20's CPU ker
 with plain integer operations, graph mode, XLA and every device draw identical masks, so
 runs compare exactly across them and a resumed run draws exactly the masks it would have.
 A step's seed is (random_seed, step), so randomness is a function of the step alone.
+Hand-written rather than `tf.nn.experimental.stateless_dropout` for that reason.
 """
 
 import numpy as np
 import tensorflow as tf
+
 
 DROPOUT_TILE_LENGTH = 128
 _GOLDEN_RATIO = 0x9E3779B9

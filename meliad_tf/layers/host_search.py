@@ -10,7 +10,7 @@ memory as for any backend.
 The search runs inside the training or evaluation step as a `tf.numpy_function` at the
 memory layer. ScaNN cannot run under XLA, so the step of a model with this backend is a
 TensorFlow graph whose ops on either side of the call XLA compiles in clusters
-(`trainer.xla_around_host_calls`; plain graph ops with `Trainer.jit_compile = False`); in
+(`steps.xla_around_host_calls`; plain graph ops with `Trainer.jit_compile = False`); in
 exchange there is no extra forward pass to compute the queries before the step. Each
 call, per stream: check that the indices hold what the device memory holds, comparing
 the write counter and the rows this host wrote last (a document start, which zeroes the
@@ -33,6 +33,7 @@ import dataclasses
 import math
 
 import numpy as np
+
 
 # The slot returned for a neighbour that does not exist (fewer than K entries).
 MISSING = -1
@@ -74,9 +75,21 @@ class ScannOptions:
 
 def _scann():
   # Imported on first use: ScaNN loads its TensorFlow ops library, which only the scann
-  # backend needs.
-  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  # backend needs, and it is an extra that installs on Linux x86-64 only.
+  try:
+    from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(
+        "memory_factory.memory_on_tpu_factory.backend = 'scann' needs ScaNN, which does not "
+        f"import here ({e}). Install the extra: pip install 'meliad-tf[scann]' (ScaNN has wheels "
+        "for Linux x86-64 only), or choose another backend: options/memory_backend_bucketed.gin, "
+        "_exact.gin or _approx_max_k.gin.") from e
   return scann_ops_pybind
+
+
+def require_scann():
+  """Raises ValueError naming the `scann` extra when ScaNN does not import."""
+  _scann()
 
 
 class ScannIndex:

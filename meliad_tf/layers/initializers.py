@@ -8,6 +8,7 @@ import math
 
 import tensorflow as tf
 
+
 # Standard deviation of a unit normal truncated to [-2, 2]; dividing by it keeps the
 # requested variance after truncation, as variance_scaling(truncated_normal) does.
 _TRUNCATED_NORMAL_STDDEV = 0.87962566103423978

@@ -40,6 +40,7 @@ from meliad_tf.layers import host_search
 from meliad_tf.layers import initializers
 from meliad_tf.layers import scopes
 
+
 BACKENDS = ("bucketed", "exact", "approx_max_k", "scann")
 # Added to the score of an empty slot (Meliad's value): below any real dot product of
 # normalised vectors, so an empty slot is chosen only where nothing else is left.
@@ -100,6 +101,8 @@ class ExternalMemory:
     if backend not in BACKENDS:
       raise ValueError(f"memory_factory.memory_on_tpu_factory.backend must be one of "
                        f"{BACKENDS}, got {backend!r}")
+    if backend == "scann":
+      host_search.require_scann()
     for name, value in (("num_heads", num_heads), ("key_size", key_size),
                         ("value_size", value_size), ("database_size", database_size)):
       if not isinstance(value, int) or value <= 0:

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from meliad_tf.layers import initializers
 
+
 _ACTIVATIONS = {None: None, "relu": tf.nn.relu, "tanh": tf.tanh, "gelu": tf.nn.gelu,
                 "sigmoid": tf.sigmoid}
 GATE_TYPES = ("residual", "bias", "full", "lstm")

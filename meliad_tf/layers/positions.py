@@ -10,6 +10,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+
 T5_NUM_BUCKETS = 32
 T5_MAX_DISTANCE = 128
 

@@ -26,6 +26,7 @@ from meliad_tf.layers import attention
 from meliad_tf.layers import initializers
 from meliad_tf.layers import scopes
 
+
 INITIAL_STATE_STDDEV = 0.1
 
 

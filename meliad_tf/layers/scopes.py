@@ -4,6 +4,7 @@ import functools
 
 import tensorflow as tf
 
+
 # The scopes a profile groups time by; `scoped` refuses any other name.
 SCOPES = ("embedding", "kvq", "attention", "scores", "softmax", "weighted_values", "memory",
           "reset", "search", "attend", "write", "recurrence", "cross_attention", "projection",

@@ -7,10 +7,11 @@ import tensorflow as tf
 
 from meliad_tf.layers import dropout as dropout_lib
 from meliad_tf.layers import initializers
-from meliad_tf.model import layer as layer_lib
 from meliad_tf.layers import norms
 from meliad_tf.layers import positions
 from meliad_tf.layers import scopes
+from meliad_tf.model import layer as layer_lib
+
 
 _SEED_FINAL_DROPOUT = 1 << 20
 _SEED_CHUNK = 1 << 21

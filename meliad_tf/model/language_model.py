@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from meliad_tf.model import decoder as decoder_lib
 
+
 LOG2_E = 1.4426950408889634
 # Metrics under this prefix are per-step values that layers report (averaged over steps
 # and over replicas, not summed like counts).
@@ -65,13 +66,16 @@ class DecoderOnlyLanguageModel(tf.Module):
 
     Args:
       batch: dict with `targets` int32 [B, L], `start_of_sequence` bool [B], and
-        optionally `loss_mask` bool [B, L] and `num_chars` int32 [B].
+        optionally `loss_mask` bool [B, L], `num_chars` int32 [B] and `answer_mask` bool
+        [B, L] (positions whose target is an answer token, see `pipelines.streams`).
       state: the per-stream state (see `state_spec`).
       training: enables dropout.
       seed: [2] int dropout seed for this step.
     Returns:
       (loss, metrics, new_state): `loss` is the float32 SUM of the token losses (Meliad's
-      objective); `metrics` holds sums: loss, token_count, correct, num_chars, and
+      objective); `metrics` holds sums: loss, token_count, correct, num_chars, with
+      `answer_mask` the same over the answer tokens (answer_loss, answer_token_count,
+      answer_correct), and
       optionally token_losses [B, L] with token_predictions int32 [B, L] (the argmax of
       the next-token distribution at every position, for export and generation tests);
       plus the layers' per-step diagnostics (e.g. a recurrent layer's gate means) under
@@ -97,6 +101,11 @@ class DecoderOnlyLanguageModel(tf.Module):
     }
     if "num_chars" in batch:
       metrics["num_chars"] = tf.cast(tf.reduce_sum(batch["num_chars"]), tf.float32)
+    if "answer_mask" in batch:
+      answers = tf.cast(batch["answer_mask"], tf.float32)  # token_losses and correct hold weights
+      metrics["answer_loss"] = tf.reduce_sum(token_losses * answers)
+      metrics["answer_token_count"] = tf.reduce_sum(weights * answers)
+      metrics["answer_correct"] = tf.reduce_sum(correct * answers)
     for name, value in diagnostics.items():
       metrics[DIAGNOSTICS_PREFIX + name] = value
     if self.output_token_losses:
@@ -110,8 +119,10 @@ def summarize(sums, num_steps=1):
 
   Returns loss (as Meliad reports it: the mean over the steps of each step's summed loss),
   nats/bits per token, bits per byte (if num_chars), accuracy, perplexity, and the
-  diagnostics averaged over the steps. Empty counts give zeros rather than NaN, with
-  Meliad's 1e-6 guard.
+  diagnostics averaged over the steps. With answer counts (batches of a source that marks
+  answers), also answer_token_count, answer_bits_per_token, answer_accuracy and
+  non_answer_bits_per_token (every other token). Empty counts give zeros rather than NaN,
+  with Meliad's 1e-6 guard.
   """
   tokens = float(sums["token_count"])
   loss = float(sums["loss"])
@@ -127,6 +138,14 @@ def summarize(sums, num_steps=1):
   if "num_chars" in sums:
     result["num_chars"] = float(sums["num_chars"])
     result["bits_per_char"] = loss / (float(sums["num_chars"]) + 1e-6) * LOG2_E
+  if "answer_token_count" in sums:
+    answer_tokens = float(sums["answer_token_count"])
+    answer_loss = float(sums["answer_loss"])
+    result["answer_token_count"] = answer_tokens
+    result["answer_bits_per_token"] = answer_loss / (answer_tokens + 1e-6) * LOG2_E
+    result["answer_accuracy"] = float(sums["answer_correct"]) / (answer_tokens + 1e-6)
+    result["non_answer_bits_per_token"] = (
+        (loss - answer_loss) / (tokens - answer_tokens + 1e-6) * LOG2_E)
   for key, value in sums.items():
     if key.startswith(DIAGNOSTICS_PREFIX):
       result[key] = float(value) / max(num_steps, 1)

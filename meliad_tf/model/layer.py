@@ -15,8 +15,9 @@ from meliad_tf.layers import initializers
 from meliad_tf.layers import mlp
 from meliad_tf.layers import norms
 from meliad_tf.layers import positions
-from meliad_tf.layers import scopes
 from meliad_tf.layers import recurrence
+from meliad_tf.layers import scopes
+
 
 POSITION_TYPES = ("t5", "fourier", "rotary", None)
 ROTARY_WAVELENGTH = 10000

@@ -5,7 +5,9 @@ segments of L tokens; the model scores one segment per stream per call,
 carrying each stream's state. This module turns the per-token log-probabilities into:
 
 * per document: predicted tokens, bytes, loss in nats, bits per token, bits per byte,
-  perplexity;
+  perplexity; where the source marks answers (the synthetic fact-recall values, which only
+  long-range context predicts), the answer tokens' count and bits per token, and the bits per
+  token of every other token;
 * the same in aggregate over all documents (token- and byte-weighted);
 * loss by position: the summed loss and token count per bucket of token offset in the
   document, so the gain from long-range context shows as a falling curve.
@@ -23,15 +25,17 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
+import tqdm
 
 import pipelines
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.common import storage
+from meliad_tf.model import language_model as model_lib
 
 
-def _rates(loss, tokens, num_bytes):
+def _rates(loss, tokens, num_bytes, answer_loss=None, answer_tokens=0):
+  """The metrics of summed losses (nats) and counts; the answers' only when given."""
   nats = loss / tokens if tokens else 0.0
-  return {
+  rates = {
       "tokens": int(tokens),
       "bytes": int(num_bytes),
       "loss_nats": float(loss),
@@ -39,20 +43,34 @@ def _rates(loss, tokens, num_bytes):
       "bits_per_byte": loss / num_bytes * model_lib.LOG2_E if num_bytes else 0.0,
       "perplexity": math.exp(nats) if nats < 700 else math.inf,
   }
+  if answer_loss is not None:
+    other_tokens = tokens - answer_tokens
+    rates.update(
+        answer_tokens=int(answer_tokens),
+        answer_loss_nats=float(answer_loss),
+        answer_bits_per_token=(answer_loss / answer_tokens * model_lib.LOG2_E
+                               if answer_tokens else 0.0),
+        non_answer_bits_per_token=((loss - answer_loss) / other_tokens * model_lib.LOG2_E
+                                   if other_tokens else 0.0))
+  return rates
 
 
 @dataclasses.dataclass
 class _Document:
-  """Running sums of one document being scored."""
+  """Running sums of one document being scored; the answers' are None where the source
+  marks none."""
   document_id: str
   loss: float = 0.0
   tokens: int = 0
   num_bytes: int = 0
   segments: int = 0
+  answer_loss: Optional[float] = None
+  answer_tokens: int = 0
 
   def summary(self):
     return dict(document_id=self.document_id, segments=self.segments,
-                **_rates(self.loss, self.tokens, self.num_bytes))
+                **_rates(self.loss, self.tokens, self.num_bytes, self.answer_loss,
+                         self.answer_tokens))
 
 
 class OffsetHistogram:
@@ -119,12 +137,14 @@ class Evaluator:
 
     Args:
       batch: numpy dict from `load_text_dataset(..., training=False)`: targets [B, L],
-        start_of_sequence [B], loss_mask [B, L], num_chars [B], document_id [B].
+        start_of_sequence [B], loss_mask [B, L], num_chars [B], document_id [B], and
+        answer_mask [B, L] where the source marks answers.
       log_probs: float [B, L], log p(token t+1) at position t (as `score` returns).
     """
     tokens = batch["targets"]
     mask = model_lib.prediction_mask(tokens, model_lib.shift_targets(tokens),
                                      batch["loss_mask"]).numpy()
+    answers = batch.get("answer_mask")
     losses = -np.asarray(log_probs, np.float64)
     positions = np.arange(self.sequence_length) + 1
     for b in range(self.batch_size):
@@ -143,6 +163,10 @@ class Evaluator:
       count = int(predicted.sum())
       document.tokens += count
       document.num_bytes += int(batch["num_chars"][b])
+      if answers is not None:
+        answered = predicted & answers[b]
+        document.answer_loss = (document.answer_loss or 0.0) + float(losses[b][answered].sum())
+        document.answer_tokens += int(answered.sum())
       offsets = document.segments * self.sequence_length + positions[predicted]
       self.histogram.add(offsets, losses[b][predicted])
       document.segments += 1
@@ -163,57 +187,30 @@ class Evaluator:
     loss = sum(d["loss_nats"] for d in self.finished)
     tokens = sum(d["tokens"] for d in self.finished)
     num_bytes = sum(d["bytes"] for d in self.finished)
-    aggregate = dict(documents=len(self.finished), **_rates(loss, tokens, num_bytes))
+    answer_loss, answer_tokens = None, 0
+    with_answers = [d for d in self.finished if "answer_tokens" in d]
+    if with_answers:
+      answer_tokens = sum(d["answer_tokens"] for d in with_answers)
+      answer_loss = sum(d["answer_loss_nats"] for d in with_answers)
+    aggregate = dict(documents=len(self.finished),
+                     **_rates(loss, tokens, num_bytes, answer_loss, answer_tokens))
     return {"aggregate": aggregate, "documents": list(self.finished),
             "loss_by_offset": self.histogram.result()}
 
 
-class ProgressBar:
-  """Documents done, tokens per second and ETA on one line of stderr.
-
-  On a terminal the line is redrawn in place; otherwise a line is printed at most every
-  `interval` seconds, and once at the end.
+def progress_bar(total_documents=None, stream=None, interval=10.0):
+  """A tqdm bar of documents done, with the tokens per second and the ETA, on stderr.
 
   Args:
     total_documents: the number to expect, or None if unknown (then no ETA).
-    stream: where to write.
-    interval: seconds between lines when not on a terminal.
+    stream: where to write (default stderr).
+    interval: seconds between redraws when `stream` is not a terminal (a log file), so that
+      a long evaluation writes a line every few seconds, not one per batch.
   """
-
-  def __init__(self, total_documents=None, stream=None, interval=10.0):
-    self.total = total_documents
-    self.stream = stream or sys.stderr
-    self.interval = interval
-    self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self.start = time.perf_counter()
-    self.last = -math.inf
-
-  def line(self, documents, tokens):
-    elapsed = time.perf_counter() - self.start
-    rate = tokens / elapsed if elapsed > 0 else 0.0
-    done = f"{documents}/{self.total}" if self.total else f"{documents}"
-    text = f"documents {done} | {rate:,.0f} tokens/s"
-    if self.total and documents:
-      remaining = elapsed / documents * max(self.total - documents, 0)
-      text += f" | ETA {_clock(remaining)}"
-    return text + f" | {_clock(elapsed)} elapsed"
-
-  def update(self, documents, tokens, final=False):
-    now = time.perf_counter()
-    if self.tty:
-      if final or now - self.last >= 0.2:
-        self.stream.write("\r" + self.line(documents, tokens) + ("\n" if final else ""))
-        self.stream.flush()
-        self.last = now
-    elif final or now - self.last >= self.interval:
-      self.stream.write(self.line(documents, tokens) + "\n")
-      self.stream.flush()
-      self.last = now
-
-
-def _clock(seconds):
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+  stream = stream or sys.stderr
+  tty = hasattr(stream, "isatty") and stream.isatty()
+  return tqdm.tqdm(total=total_documents, unit="doc", file=stream,
+                   mininterval=0.2 if tty else interval, dynamic_ncols=tty, ascii=not tty)
 
 
 class _FirstIndexedDocuments(pipelines.IndexedSource):
@@ -289,17 +286,24 @@ def evaluate(module, task, split, *, batch_size, sequence_length, max_documents=
       pipelines.Task(task.name, source, task.vocabulary), split=split,
       sequence_length=sequence_length, batch_size=batch_size, training=False)
   evaluator = Evaluator(batch_size, sequence_length, bucket_tokens or sequence_length)
-  bar = (ProgressBar(source.num_documents(split), progress_stream) if progress else None)
+  bar = progress_bar(source.num_documents(split), progress_stream) if progress else None
   start = time.perf_counter()
   module.reset_all()
+
+  def show_progress():
+    bar.update(len(evaluator.finished) - bar.n)
+    elapsed = time.perf_counter() - start
+    bar.set_postfix_str(f"{evaluator.tokens / elapsed:,.0f} tokens/s", refresh=False)
+
   for batch in dataset.as_numpy_iterator():
     scores = module.score(tf.constant(batch["targets"]), tf.constant(batch["start_of_sequence"]))
     evaluator.add(batch, scores["log_probs"].numpy())
     if bar:
-      bar.update(len(evaluator.finished), evaluator.tokens)
+      show_progress()
   evaluator.finish()
   if bar:
-    bar.update(len(evaluator.finished), evaluator.tokens, final=True)
+    show_progress()
+    bar.close()
   results = evaluator.results()
   results.update(task=task.name, split=split, seconds=time.perf_counter() - start)
   return results

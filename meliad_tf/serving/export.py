@@ -10,6 +10,13 @@ SentencePiece vocabulary needs `import tensorflow_text` before loading, for its 
   argmax of the next-token distribution; "loss": the summed negative log-likelihood;
   "token_count": the predicted tokens}. The per-stream state (XL caches, and memories or
   recurrent states for those families) lives in variables and carries over between calls.
+  `serving_default` is `score`.
+* `score_segment(tokens, start_of_sequence, state__<path>...)` -> the outputs of `score`
+  and `new_state__<path>...`: the same computation with the state as explicit tensors in
+  and out (one per state tensor, its path in `metadata.json`'s "state" with "/" written
+  "__"), for servers that keep no state between requests: the caller keeps each stream's
+  state and sends it back with the stream's next segment. `initial_state()` gives the
+  state of B new streams (zeros; a stream's first segment has `start_of_sequence` True).
 * `reset(streams bool [B])` and `reset_all()`: forget the given (all) streams. The next
   `score` treats them as starting a document whatever its `start_of_sequence` says, as it
   does for every stream of a freshly loaded SavedModel.
@@ -42,10 +49,13 @@ import gin
 import tensorflow as tf
 
 import pipelines
-from meliad_tf.serving import loading as checkpoint_loading
-from meliad_tf.serving import generation
-from meliad_tf.training import gin_setup
 from meliad_tf.common import storage
+from meliad_tf.serving import generation
+from meliad_tf.serving import loading as checkpoint_loading
+from meliad_tf.training import gin_setup
+from meliad_tf.training import state as state_lib
+from meliad_tf.training import steps
+
 
 FORMAT = "meliad-tf-saved-model"
 FORMAT_VERSION = 1
@@ -145,28 +155,35 @@ class ScoringModule(tf.Module):
                        f"{model.vocab_size} rows")
     if batch_size <= 0:
       raise ValueError(f"batch_size must be positive, got {batch_size}")
-    host_layers = model.decoder.host_search_layers
-    if jit_compile and host_layers:
-      raise ValueError(f"{', '.join(host_layers)} search their memory on the host "
-                       "(memory_on_tpu_factory.backend = 'scann'), which XLA cannot compile; "
-                       "turn --jit_compile off")
     self.model = model
     self.batch_size = batch_size
     self.sequence_length = model.task_config.sequence_length
-    self.vocab_size = model.vocab_size
-    self.state = tf.nest.map_structure(
-        lambda s: tf.Variable(tf.zeros(s.shape, s.dtype), trainable=False),
-        model.state_spec(batch_size))
+    # Ids the vocabulary can produce; the embedding may have more rows (Meliad's 32128
+    # for T5's 32100 pieces), which no text maps to.
+    self.vocab_size = vocabulary.vocab_size
+    self.state = state_lib.StreamState(model.state_spec, batch_size, mode="scoring")
     # Streams whose next `score` starts a document: all of them in a new (or newly loaded)
     # module, and those given to `reset`.
     self.pending_start = tf.Variable(tf.ones([batch_size], tf.bool), trainable=False)
     self.codec = make_codec(vocabulary)
     self.generate_unsupported_reason = generation.unsupported_reason(model)
     self.jit_compile = jit_compile
-    self._forward = tf.function(self._forward_and_store, jit_compile=jit_compile)
+    self._forward = steps.compile_step(self._forward_and_store, jit_compile,
+                                       calls_host=bool(model.decoder.host_search_layers))
     self.score = tf.function(self._score, input_signature=[
         tf.TensorSpec([batch_size, self.sequence_length], tf.int32, name="tokens"),
         tf.TensorSpec([batch_size], tf.bool, name="start_of_sequence")])
+    # The state as explicit tensors, for servers that keep no state between requests.
+    self.state_names = [name for name, _ in _flatten(model.state_spec(batch_size))]
+    state_specs = [tf.TensorSpec(spec.shape, spec.dtype, name=_state_input(name))
+                   for name, spec in _flatten(model.state_spec(batch_size))]
+    self._forward_stateless = steps.compile_step(
+        self._segment_with_state, jit_compile,
+        calls_host=bool(model.decoder.host_search_layers))
+    self.score_segment = tf.function(self._score_segment, input_signature=[
+        tf.TensorSpec([batch_size, self.sequence_length], tf.int32, name="tokens"),
+        tf.TensorSpec([batch_size], tf.bool, name="start_of_sequence"), *state_specs])
+    self.initial_state = tf.function(self._initial_state, input_signature=[])
     self.reset = tf.function(self._reset, input_signature=[
         tf.TensorSpec([batch_size], tf.bool, name="streams")])
     self.reset_all = tf.function(self._reset_all, input_signature=[])
@@ -186,10 +203,9 @@ class ScoringModule(tf.Module):
 
   def _forward_and_store(self, tokens, start_of_sequence):
     start = start_of_sequence | self.pending_start
-    state = tf.nest.map_structure(lambda v: v.read_value(), self.state)
     batch = {"targets": tokens, "start_of_sequence": start}
-    _, metrics, new_state = self.model(batch, state, training=False)
-    tf.nest.map_structure(lambda v, x: v.assign(x), self.state, new_state)
+    _, metrics, new_state = self.model(batch, self.state.read(), training=False)
+    self.state.assign(new_state)
     self.pending_start.assign(tf.zeros_like(self.pending_start))
     return {
         "log_probs": 0.0 - metrics["token_losses"],
@@ -199,17 +215,42 @@ class ScoringModule(tf.Module):
     }
 
   def _score(self, tokens, start_of_sequence):
-    message = f"score: token ids must be in [0, {self.vocab_size})"
+    message = f"score: token ids must be in [0, {self.vocab_size}), ids of the vocabulary"
     checks = [tf.debugging.assert_non_negative(tokens, message=message),
               tf.debugging.assert_less(tokens, self.vocab_size, message=message)]
     with tf.control_dependencies(checks):
       return self._forward(tf.identity(tokens), start_of_sequence)
 
+  def _segment_with_state(self, tokens, start_of_sequence, state):
+    batch = {"targets": tokens, "start_of_sequence": start_of_sequence}
+    _, metrics, new_state = self.model(batch, state, training=False)
+    outputs = {"log_probs": 0.0 - metrics["token_losses"],
+               "predictions": metrics["token_predictions"], "loss": metrics["loss"],
+               "token_count": metrics["token_count"]}
+    outputs.update({_state_output(name): value for name, value in _flatten(new_state)})
+    return outputs
+
+  def _score_segment(self, tokens, start_of_sequence, *state_values):
+    state = self._unflatten_state(state_values)
+    message = f"score_segment: token ids must be in [0, {self.vocab_size}), ids of the vocabulary"
+    checks = [tf.debugging.assert_non_negative(tokens, message=message),
+              tf.debugging.assert_less(tokens, self.vocab_size, message=message)]
+    with tf.control_dependencies(checks):
+      return self._forward_stateless(tf.identity(tokens), start_of_sequence, state)
+
+  def _initial_state(self):
+    return {_state_output(name): tf.zeros(spec.shape, spec.dtype)
+            for name, spec in _flatten(self.model.state_spec(self.batch_size))}
+
+  def _unflatten_state(self, values):
+    spec = self.model.state_spec(self.batch_size)
+    by_name = dict(zip(self.state_names, values))
+    return tf.nest.pack_sequence_as(spec, [by_name[name] for name, _ in _flatten(spec)])
+
   def _reset(self, streams):
-    zeros = tf.nest.map_structure(tf.zeros_like, self.state)
-    current = tf.nest.map_structure(lambda v: v.read_value(), self.state)
-    tf.nest.map_structure(lambda v, x: v.assign(x), self.state,
-                          generation.where_streams(streams, zeros, current))
+    current = self.state.read()
+    zeros = tf.nest.map_structure(tf.zeros_like, current)
+    self.state.assign(generation.where_streams(streams, zeros, current))
     self.pending_start.assign(self.pending_start | streams)
     return {"reset_streams": tf.reduce_sum(tf.cast(streams, tf.int32))}
 
@@ -295,8 +336,20 @@ def _write_assets(directory, vocabulary, config_text, meta):
   return paths
 
 
+def _state_input(name):
+  """A state tensor's name as an input of `score_segment`: "state__layer_0__keys"."""
+  return "state__" + name.replace("/", "__")
+
+
+def _state_output(name):
+  """A state tensor's name among the outputs of `score_segment` and `initial_state`."""
+  return "new_state__" + name.replace("/", "__")
+
+
 def _signatures(module):
-  signatures = {"score": module.score, "reset": module.reset, "reset_all": module.reset_all}
+  signatures = {"score": module.score, "serving_default": module.score,
+                "score_segment": module.score_segment, "initial_state": module.initial_state,
+                "reset": module.reset, "reset_all": module.reset_all}
   if module.generate_unsupported_reason is None:
     signatures["generate"] = module.generate
   return signatures

@@ -15,9 +15,10 @@ import re
 import gin
 import tensorflow as tf
 
+from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
-from meliad_tf.model import language_model as model_lib
+
 
 CONFIG_FILE = "config.gin"
 

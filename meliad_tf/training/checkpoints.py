@@ -23,15 +23,18 @@ host's position in its data iterators (`DataPositions`); every host restores fro
 chief's checkpoint, so the workdir must be storage they all read (a bucket).
 """
 import collections
+import dataclasses
 import json
 import os
 import re
+import typing
 
 from absl import logging
 import tensorflow as tf
 
-from meliad_tf.training import distribution
 from meliad_tf.common import storage
+from meliad_tf.training import distribution
+
 
 CHECKPOINT_DIRECTORY = "checkpoints"
 CHECKPOINT_NAME = "ckpt"
@@ -197,6 +200,11 @@ def _first_line(error):
   return message.strip().splitlines()[0] if message.strip() else type(error).__name__
 
 
+def saved_data_signature(workdir):
+  """The `data_signature.json` of `workdir`'s checkpoints, or None where there is none."""
+  return _read_json(os.path.join(workdir, DATA_SIGNATURE_FILE))
+
+
 def _read_json(path):
   """The JSON object in `path`, or None when it is missing or damaged (with a warning)."""
   if not tf.io.gfile.exists(path):
@@ -246,24 +254,58 @@ class DataPositions:
         {name: tf.io.parse_tensor(state, tf.variant)})
 
 
+@dataclasses.dataclass
+class Contents:
+  """What a training run's checkpoint holds, and what its compatibility checks compare.
+
+  Attributes:
+    strategy: the tf.distribute strategy of the run.
+    model, optimizer: their variables (the optimizer's slots and step).
+    train_state, test_state: the `StreamState` of each mode.
+    train_iterator, test_iterator: this host's data iterators (test: None without test
+      cycles).
+    parameter_summary: () -> {name: shape} of every variable (`model_signature.json`).
+    data_signature: () -> what the data iterators read (`data_signature.json`).
+    restore_state_variables: a run started from another workdir (`load_dir`) also takes
+      its per-stream state.
+  """
+  strategy: tf.distribute.Strategy
+  model: tf.Module
+  optimizer: tf.Module
+  train_state: typing.Any
+  test_state: typing.Any
+  train_iterator: typing.Any
+  test_iterator: typing.Any
+  parameter_summary: typing.Callable[[], dict]
+  data_signature: typing.Callable[[], dict]
+  restore_state_variables: bool = True
+
+  @property
+  def step(self):
+    return int(self.optimizer.iterations.numpy())
+
+
 class CheckpointKeeper:
-  """Saves and restores a trainer's state in `<workdir>/checkpoints`.
+  """Saves and restores a training run's `Contents` in `<workdir>/checkpoints`.
 
   Args:
-    trainer: a built Trainer.
+    contents: what the checkpoints hold.
     workdir: where checkpoints go; "" disables saving.
     max_to_keep: how many checkpoints to keep (Meliad keeps 1); more lets a restore fall
       back to an older one when the newest is unreadable.
+    guard: called before anything is written (raises to stop the write), e.g. the check
+      that this run still holds the workdir's lock.
   """
 
-  def __init__(self, trainer, workdir, max_to_keep=1):
-    self.trainer = trainer
+  def __init__(self, contents, workdir, max_to_keep=1, guard=None):
+    self.contents = contents
+    self.guard = guard
     self.workdir = workdir
-    self.is_chief = distribution.is_chief(trainer.strategy)
+    self.is_chief = distribution.is_chief(contents.strategy)
     self.directory = os.path.join(workdir, CHECKPOINT_DIRECTORY) if workdir else ""
-    self.data = {"train_data": DataPositions(trainer.train_iterator, trainer.strategy)}
-    if trainer.test_iterator is not None:
-      self.data["test_data"] = DataPositions(trainer.test_iterator, trainer.strategy)
+    self.data = {"train_data": DataPositions(contents.train_iterator, contents.strategy)}
+    if contents.test_iterator is not None:
+      self.data["test_data"] = DataPositions(contents.test_iterator, contents.strategy)
     # The step of the newest checkpoint written or restored, the same on every host.
     self.saved_step = None
     self.checkpoint = tf.train.Checkpoint(**self._parts(data=True))
@@ -273,11 +315,11 @@ class CheckpointKeeper:
 
   def _parts(self, data, states=True):
     """The objects a checkpoint holds, by name (the top level of its keys)."""
-    trainer = self.trainer
-    parts = dict(model=trainer.model, optimizer=trainer.optimizer)
+    contents = self.contents
+    parts = dict(model=contents.model, optimizer=contents.optimizer)
     if states:
-      parts.update(train_state=trainer.train_state.checkpointable,
-                   test_state=trainer.test_state.checkpointable)
+      parts.update(train_state=contents.train_state.checkpointable,
+                   test_state=contents.test_state.checkpointable)
     if data:
       parts.update({name: positions.variable for name, positions in self.data.items()})
     return parts
@@ -296,6 +338,8 @@ class CheckpointKeeper:
     if self.directory:
       paths, indexed = checkpoint_candidates(self.directory)
       if self.is_chief and tf.io.gfile.isdir(self.directory):
+        if self.guard is not None:
+          self.guard()
         remove_unfinished_writes(self.directory, paths if indexed else None)
       if paths:
         self._check_signature_files(self.workdir, resume=True)
@@ -313,8 +357,8 @@ class CheckpointKeeper:
         raise UnreadableCheckpointError(f"--load_dir={load_dir}: none of its checkpoint files "
                                         "can be read (see the warning above)")
     if restored:
-      self.trainer.train_state.after_restore()
-      self.trainer.test_state.after_restore()
+      self.contents.train_state.after_restore()
+      self.contents.test_state.after_restore()
     return restored
 
   def _check_signature_files(self, workdir, resume):
@@ -326,15 +370,15 @@ class CheckpointKeeper:
     """
     saved = _read_json(os.path.join(workdir, SIGNATURE_FILE))
     if saved is not None:
-      current = self.trainer.parameter_summary()
-      if not (resume or self.trainer.restore_state_variables):
+      current = self.contents.parameter_summary()
+      if not (resume or self.contents.restore_state_variables):
         saved = {k: v for k, v in saved.items() if not k.startswith("state_")}
         current = {k: v for k, v in current.items() if not k.startswith("state_")}
       compare_signatures(saved, current, workdir)
     saved_data = _read_json(os.path.join(workdir, DATA_SIGNATURE_FILE))
     if resume and saved_data is not None:
       try:
-        compare_signatures(saved_data, self.trainer.data_signature(), workdir)
+        compare_signatures(saved_data, self.contents.data_signature(), workdir)
       except IncompatibleCheckpointError as e:
         raise IncompatibleCheckpointError(
             f"{e}\nthe checkpoint's data iterators read other data; to train this model on new "
@@ -357,7 +401,7 @@ class CheckpointKeeper:
         logging.warning("restored %s, which no checkpoint index lists (a run stopped before "
                         "writing the index, or files copied without it)", path)
       logging.info("%s %s (step %d)", "restored" if resume else "loaded", path,
-                   self.trainer.step)
+                   self.contents.step)
       return True
     if not indexed:
       logging.warning("no checkpoint index in %s, and its checkpoint files cannot be read "
@@ -376,7 +420,7 @@ class CheckpointKeeper:
     """Checks one checkpoint's variables against the run, then restores it."""
     saved_keys = set(_saved_shapes(path))
     saved_parts = {key.split("/", 1)[0] for key in saved_keys}
-    parts = self._parts(data=resume, states=resume or self.trainer.restore_state_variables)
+    parts = self._parts(data=resume, states=resume or self.contents.restore_state_variables)
     positions = []
     for name in self.data if resume else ():
       if name not in saved_parts:
@@ -401,7 +445,7 @@ class CheckpointKeeper:
       status.expect_partial()
     for position in positions:
       position.after_restore()
-    self.saved_step = self.trainer.step
+    self.saved_step = self.contents.step
 
   def save(self):
     """Writes a checkpoint numbered by the optimizer step (the next step to run).
@@ -418,25 +462,27 @@ class CheckpointKeeper:
     """
     if self.manager is None:
       return None
-    step = self.trainer.step
+    step = self.contents.step
     path = os.path.join(self.directory, f"{CHECKPOINT_NAME}-{step}")
     if self.saved_step == step:
       return path
     latest = self.manager.latest_checkpoint
-    self.trainer.train_state.before_save()
-    self.trainer.test_state.before_save()
+    self.contents.train_state.before_save()
+    self.contents.test_state.before_save()
     for positions in self.data.values():
       positions.before_save()
     if not self.is_chief:
       self.saved_step = step
       return path
+    if self.guard is not None:
+      self.guard()
     try:
       storage.write_atomically(
           os.path.join(self.workdir, SIGNATURE_FILE),
-          json.dumps(self.trainer.parameter_summary(), indent=1, sort_keys=True))
+          json.dumps(self.contents.parameter_summary(), indent=1, sort_keys=True))
       storage.write_atomically(
           os.path.join(self.workdir, DATA_SIGNATURE_FILE),
-          json.dumps(self.trainer.data_signature(), indent=1, sort_keys=True))
+          json.dumps(self.contents.data_signature(), indent=1, sort_keys=True))
       path = self.manager.save(checkpoint_number=step)
     except (tf.errors.OpError, OSError) as e:
       self._remove_partial_write(step)

@@ -31,19 +31,20 @@ from gin import config_parser
 import numpy as np
 import tensorflow as tf
 
-from meliad_tf.training import checkpoints
-from meliad_tf.model import decoder
-from meliad_tf.training import gin_setup  # pylint: disable=unused-import  # Registers our configurables.
-from meliad_tf.model import layer as layer_lib
+import pipelines
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.layers import norms
+from meliad_tf.model import decoder
+from meliad_tf.model import language_model as model_lib
+from meliad_tf.model import layer as layer_lib
+from meliad_tf.model import task_config as task_config_lib
+from meliad_tf.training import checkpoints
+from meliad_tf.training import gin_setup
 from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import schedules
-from meliad_tf.model import task_config as task_config_lib
 from meliad_tf.training import trainer as trainer_lib
-import pipelines
+
 
 CONFIG_FILE = "config.gin"
 # Flax's legacy format is this file; Orbax's is a directory holding a file of this name.
@@ -502,9 +503,7 @@ def convert(meliad_workdir, output, gin_params=()):
                           "Meliad's TrainState")
   gin.clear_config()
   try:
-    gin.parse_config(translated)
-    for binding in gin_params:
-      gin.parse_config(binding)
+    gin_setup.parse([], [translated, *gin_params])
   except (ValueError, KeyError, SyntaxError) as e:
     raise ConversionError(f"the translated configuration does not parse: {e}") from e
   trainer = trainer_lib.Trainer().build()
@@ -513,5 +512,5 @@ def convert(meliad_workdir, output, gin_params=()):
   tf.io.gfile.makedirs(output)
   with tf.io.gfile.GFile(os.path.join(output, CONFIG_FILE), "w") as f:
     f.write(gin.operative_config_str())
-  keeper = checkpoints.CheckpointKeeper(trainer, output, trainer.max_checkpoints_to_keep)
+  keeper = trainer.checkpoint_keeper(output)
   return keeper.save(), trainer.step

@@ -13,6 +13,7 @@ single-host strategies run one process, which is the chief.
 import numpy as np
 import tensorflow as tf
 
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import meliad_configs
 # pylint: disable=unused-import  # Importing registers their gin configurables.
+import pipelines
 from meliad_tf.layers import memory
 from meliad_tf.layers import mlp
 from meliad_tf.layers import norms
@@ -20,7 +21,8 @@ from meliad_tf.model import task_config
 from meliad_tf.training import optimizer
 from meliad_tf.training import schedules
 from meliad_tf.training import trainer
-import pipelines
+
+
 # pylint: enable=unused-import
 
 CONFIG_DIRECTORY = os.path.dirname(os.path.abspath(meliad_configs.__file__))
@@ -47,7 +49,11 @@ def parse(gin_files, gin_params=(), search_paths=()):
     # One source at a time, so that a syntax error names its file or binding.
     for gin_file in gin_files:
       with _naming_syntax_errors(f"gin file {gin_file}"):
-        gin.parse_config_file(gin_file)
+        try:
+          gin.parse_config_file(gin_file)
+        except RecursionError:
+          raise ValueError(f"gin file {gin_file} includes itself, directly or through the "
+                           "files it includes (an include cycle)") from None
     for binding in gin_params:
       with _naming_syntax_errors(f"--gin_param {binding!r}"):
         gin.parse_config(binding)

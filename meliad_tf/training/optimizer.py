@@ -14,6 +14,14 @@ An optimizer is used in two layers:
   calls `update` and writes params, slots and `iterations` back; it runs eagerly, in `tf.function` and under
   `jit_compile=True`, in the default strategy or in a strategy's cross-replica context.
 
+Hand-written rather than Keras' or optax's Adafactor, which differ from Flax's in every one of those points: a
+faithful optimizer is what makes a converted Meliad checkpoint continue as Meliad would.
+
+One option goes beyond Flax, off by default: `unscaled_parameters` names parameters whose step is not multiplied
+by their RMS. Meliad's memory gate, a per-head bias initialised to 0, sits at Adafactor's RMS floor of 1e-3, so
+it moves by about learning_rate x 1e-3 per step, in Meliad as here; the recurrent gates' biases, initialised
+N(0, 0.1), by about learning_rate x 0.1.
+
 Slots are keyed by the parameter's name, so a `tf.train.Checkpoint(optimizer=opt)` restores them into a fresh
 optimizer built over the same parameters in any order. A slot variable is named `<param name>/<slot>`, e.g.
 `decoder/layer_0/mlp/kernel/v_row`. Slots that a parameter does not use are not created (Flax stores them as
@@ -21,6 +29,7 @@ zeros of shape (1,); nothing reads them).
 """
 
 import dataclasses
+import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import gin
@@ -32,7 +41,7 @@ from meliad_tf.layers import scopes
 Slots = Dict[str, tf.Tensor]
 
 
-def _param_key(param: tf.Variable) -> str:
+def param_key(param: tf.Variable) -> str:
   """The name that identifies `param`'s slots: its variable name without the ':0' suffix.
 
   Inside `strategy.extended.update` the function sees a replica's component variable, whose name carries a
@@ -69,7 +78,8 @@ class Optimizer(tf.Module):
     """Maps slot name to slot shape for a parameter of this shape."""
     raise NotImplementedError
 
-  def update(self, param_value, grad, slot_values: Slots, step, learning_rate) -> Tuple[tf.Tensor, Slots]:
+  def update(self, param_value, grad, slot_values: Slots, step, learning_rate,
+             param_name: str = "") -> Tuple[tf.Tensor, Slots]:
     """One optimizer step for one parameter, on tensors.
 
     Args:
@@ -78,6 +88,7 @@ class Optimizer(tf.Module):
       slot_values: slot name -> float32 tensor, the slots before the step (the keys `slots_for` returns).
       step: the optimizer step t before this update (0 for the first), any real dtype.
       learning_rate: float32 scalar, the step size for this update.
+      param_name: the parameter's `param_key`, for options that apply to some parameters only.
 
     Returns:
       (new_param, new_slots): float32 tensors of the same shapes.
@@ -96,7 +107,7 @@ class Optimizer(tf.Module):
     Raises:
       ValueError: a parameter is not float32, or two parameters share a name.
     """
-    keys = [_param_key(p) for p in params]
+    keys = [param_key(p) for p in params]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
       raise ValueError(f"{type(self).__name__}.build needs unique parameter names; repeated: {duplicates}")
@@ -119,7 +130,7 @@ class Optimizer(tf.Module):
 
   def slots_for(self, param: tf.Variable) -> Dict[str, tf.Variable]:
     """The slot variables of one parameter (or of the distributed variable a replica's component belongs to)."""
-    key = _param_key(param)
+    key = param_key(param)
     if key not in self._slots:
       raise KeyError(f"{type(self).__name__} has no slots for {key}; call build() with it first")
     return self._slots[key]
@@ -153,7 +164,8 @@ class Optimizer(tf.Module):
       slots = self.slots_for(param)
       grad = tf.zeros_like(param) if grad is None else tf.convert_to_tensor(grad)
       new_param, new_slots = self.update(
-          param.read_value(), grad, {k: v.read_value() for k, v in slots.items()}, step, learning_rate)
+          param.read_value(), grad, {k: v.read_value() for k, v in slots.items()}, step, learning_rate,
+          param_name=param_key(param))
       param.assign(new_param)
       for slot, value in new_slots.items():
         slots[slot].assign(value)
@@ -172,6 +184,7 @@ class Adafactor(Optimizer):
     otherwise:  v = beta2 v + (1 - beta2) G2;  Y = G v^-1/2
     Y = Y / max(1, RMS(Y) / clipping_threshold)
     U = scale Y;  with beta1: m = beta1 m + (1 - beta1) U and U = m
+    (scale = learning_rate alone for a parameter named by `unscaled_parameters`)
     P = P - U,  or (1 - weight_decay_rate) P - U with weight decay (not scaled by the learning rate)
 
   A parameter is factored when it has >= 2 dimensions and its second-largest dimension is
@@ -193,6 +206,7 @@ class Adafactor(Optimizer):
                min_dim_size_to_factor: int = 128,
                epsilon1: float = 1e-30,
                epsilon2: float = 1e-3,
+               unscaled_parameters: Sequence[str] = (),
                name: str = "adafactor"):
     """Records the hyper-parameters (Flax's names and defaults).
 
@@ -208,9 +222,19 @@ class Adafactor(Optimizer):
       min_dim_size_to_factor: the second-largest dimension must be at least this to factor.
       epsilon1: added to the squared gradient.
       epsilon2: floor of the parameter RMS in the step size.
+      unscaled_parameters: regular expressions; a parameter whose `param_key` one of them matches
+        (`re.search`) takes steps of learning_rate x Y, not multiplied by its RMS. Not in Flax; empty by
+        default. `build` raises ValueError when they match no parameter.
       name: module name.
     """
     super().__init__(learning_rate, name)
+    self.unscaled_parameters = tuple(unscaled_parameters)
+    self._unscaled_patterns = []
+    for pattern in self.unscaled_parameters:
+      try:
+        self._unscaled_patterns.append(re.compile(pattern))
+      except re.error as e:
+        raise ValueError(f"Adafactor.unscaled_parameters: {pattern!r} is not a regular expression: {e}") from e
     self.factored = factored
     self.multiply_by_parameter_scale = multiply_by_parameter_scale
     self.beta1 = beta1
@@ -221,6 +245,21 @@ class Adafactor(Optimizer):
     self.min_dim_size_to_factor = min_dim_size_to_factor
     self.epsilon1 = epsilon1
     self.epsilon2 = epsilon2
+
+  def scales_by_parameter(self, param_name: str) -> bool:
+    """Whether the step of the parameter named `param_name` is multiplied by its RMS."""
+    return self.multiply_by_parameter_scale and not any(
+        pattern.search(param_name) for pattern in self._unscaled_patterns)
+
+  def build(self, params: Sequence[tf.Variable]) -> None:
+    super().build(params)
+    if self._unscaled_patterns:
+      names = [param_key(p) for p in params]
+      if not any(not self.scales_by_parameter(name) for name in names):
+        raise ValueError(
+            f"Adafactor.unscaled_parameters {list(self.unscaled_parameters)} match no parameter of the model "
+            f"(named like {names[0]!r}); the gates are named external_memory_bias (memory), gate_bias "
+            "(recurrent, gate type 'bias'), forget_gate/ and input_gate/ (gate type 'lstm')")
 
   def factored_dims(self, shape: Sequence[int]) -> Optional[Tuple[int, int]]:
     """(d1, d0): the second-largest and largest axes of a factored parameter, or None when it is not factored.
@@ -246,7 +285,7 @@ class Adafactor(Optimizer):
       shapes["m"] = shape
     return shapes
 
-  def update(self, param_value, grad, slot_values, step, learning_rate):
+  def update(self, param_value, grad, slot_values, step, learning_rate, param_name=""):
     """One Adafactor step for one parameter, on tensors; see `Optimizer.update` and the class docstring."""
     param = tf.convert_to_tensor(param_value, tf.float32)
     grad = tf.cast(grad, tf.float32)
@@ -254,7 +293,7 @@ class Adafactor(Optimizer):
     decay = 1.0 - tf.pow(t, -self.decay_rate)
     mixing = 1.0 - decay
     update_scale = tf.cast(learning_rate, tf.float32)
-    if self.multiply_by_parameter_scale:
+    if self.scales_by_parameter(param_name):
       update_scale *= tf.maximum(tf.sqrt(tf.reduce_mean(param * param)), self.epsilon2)
 
     new_slots = {}
@@ -329,8 +368,9 @@ class Adam(Optimizer):
   def _slot_shapes(self, shape):
     return {"grad_ema": shape, "grad_sq_ema": shape}
 
-  def update(self, param_value, grad, slot_values, step, learning_rate):
+  def update(self, param_value, grad, slot_values, step, learning_rate, param_name=""):
     """One Adam step for one parameter, on tensors; see `Optimizer.update` and the class docstring."""
+    del param_name  # every parameter is updated alike
     param = tf.convert_to_tensor(param_value, tf.float32)
     grad = tf.cast(grad, tf.float32)
     learning_rate = tf.cast(learning_rate, tf.float32)
@@ -355,6 +395,8 @@ class FlaxAdafactorConfig:
       to the optimizer, which receives the full scheduled rate on every step, as in Meliad.
     beta1, factored, multiply_by_parameter_scale, decay_rate, step_offset, clipping_threshold,
       weight_decay_rate, min_dim_size_to_factor, epsilon1, epsilon2: as in `Adafactor`.
+    unscaled_parameters: as in `Adafactor` (not in Meliad; empty by default).
+      `options/gates_unscaled.gin` names the memory and recurrent gates.
   """
   learning_rate: float = 1.0
   beta1: Optional[float] = 0.9
@@ -367,6 +409,7 @@ class FlaxAdafactorConfig:
   min_dim_size_to_factor: int = 128
   epsilon1: float = 1e-30
   epsilon2: float = 1e-3
+  unscaled_parameters: Tuple[str, ...] = ()
 
   def create(self) -> Adafactor:
     """A new, unbuilt Adafactor with these hyper-parameters."""
@@ -380,7 +423,8 @@ class FlaxAdafactorConfig:
         weight_decay_rate=self.weight_decay_rate,
         min_dim_size_to_factor=self.min_dim_size_to_factor,
         epsilon1=self.epsilon1,
-        epsilon2=self.epsilon2)
+        epsilon2=self.epsilon2,
+        unscaled_parameters=self.unscaled_parameters)
 
 
 @gin.configurable(module="optimizer_config")

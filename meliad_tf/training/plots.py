@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from meliad_tf.common import storage
 
+
 _EVENT_FILES = "events.out.tfevents.*"
 
 

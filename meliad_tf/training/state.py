@@ -1,7 +1,8 @@
 """Per-stream model state (XL caches, recurrent states, memories) held in tf.Variables.
 
-One `StreamState` per mode (train, test). With one replica its variables are plain and
-are checkpointed directly. With several, each replica keeps its own streams in a
+One `StreamState` per mode (train, test), and one in every scoring module (the exported
+SavedModel, evaluation, generation). With one replica its variables are plain and are
+checkpointed directly. With several, each replica keeps its own streams in a
 SyncOnRead variable; a checkpoint cannot hold per-replica values (it would keep one
 replica's copy or a reduction), so the state is gathered into host variables shaped by
 the global batch before a save and split back after a restore. Either way a checkpoint
@@ -27,35 +28,38 @@ def _zeros_variables(spec, name, **kwargs):
       spec)
 
 
-class StreamState:
-  """The state of every stream for one mode.
+class StreamState(tf.Module):
+  """The state of every stream for one mode: training, testing, or a scoring module's.
 
   Args:
     spec_fn: batch_size -> nested dict of tf.TensorSpec (the model's `state_spec`).
     per_replica_batch_size: B, streams per replica.
-    strategy: the tf.distribute strategy the steps run under.
-    name: "train" or "test".
+    strategy: the tf.distribute strategy the steps run under (None: the default, one
+      device).
+    mode: "train", "test", "scoring"; names the variables.
   """
 
-  def __init__(self, spec_fn, per_replica_batch_size, strategy, name):
+  def __init__(self, spec_fn, per_replica_batch_size, strategy=None, mode="state"):
+    super().__init__(name=f"stream_state_{mode}")
+    strategy = strategy or tf.distribute.get_strategy()
     self.strategy = strategy
-    self.name = name
+    self.mode = mode
     self.per_replica_batch_size = per_replica_batch_size
     self.num_replicas = strategy.num_replicas_in_sync
     global_spec = spec_fn(per_replica_batch_size * self.num_replicas)
     if self.num_replicas == 1:
       with strategy.scope():
-        self.live = _zeros_variables(global_spec, f"state_{name}")
-      self.checkpointable = _CheckpointedState(self.live, f"state_{name}")
+        self.live = _zeros_variables(global_spec, f"state_{mode}")
+      self.checkpointable = _CheckpointedState(self.live, f"state_{mode}")
     else:
       with strategy.scope():
         self.live = _zeros_variables(
-            spec_fn(per_replica_batch_size), f"state_{name}",
+            spec_fn(per_replica_batch_size), f"state_{mode}",
             synchronization=tf.VariableSynchronization.ON_READ,
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
       # Created outside the strategy scope: plain host variables, one copy.
       self.checkpointable = _CheckpointedState(
-          _zeros_variables(global_spec, f"state_{name}_saved"), f"state_{name}")
+          _zeros_variables(global_spec, f"state_{mode}_saved"), f"state_{mode}")
 
   def read(self):
     """The state as tensors, with no gradient into the previous step (replica context)."""

@@ -1,18 +1,41 @@
 """TensorBoard scalars with Meliad's names, metric accumulation between flushes, progress."""
 
+import functools
 import os
 import time
 
 import numpy as np
+from tensorboard.plugins.hparams import api as hparams_api
 import tensorflow as tf
 
 from meliad_tf.model import language_model as model_lib
 
 
+class SummaryWriteError(OSError):
+  """TensorBoard's event file could not be written (a full disk, ...)."""
+
+
+def _reporting_write_errors(method):
+  """TensorFlow's errors of an event file write (which may surface at any later call, as
+  events are buffered) as a SummaryWriteError naming the directory."""
+
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except tf.errors.OpError as e:
+      reason = e.message.strip().splitlines()[0] if e.message.strip() else type(e).__name__
+      raise SummaryWriteError(f"could not write TensorBoard events in {self.workdir}: "
+                              f"{reason}") from e
+
+  return wrapper
+
+
 class SummaryWriter:
   """Scalars under `<mode>/<name>` in one directory, or one directory per mode.
 
-  With no workdir, summaries go nowhere (the progress log still shows them).
+  With no workdir, summaries go nowhere (the progress log still shows them). Write errors
+  are raised as SummaryWriteError.
   """
 
   def __init__(self, workdir, separate_directories=False):
@@ -31,6 +54,7 @@ class SummaryWriter:
   def _name(self, mode, name):
     return name if self.separate_directories else f"{mode}/{name}"
 
+  @_reporting_write_errors
   def scalars(self, mode, metrics, step):
     writer = self._writer(mode)
     if writer is None:
@@ -39,6 +63,7 @@ class SummaryWriter:
       for name, value in metrics.items():
         tf.summary.scalar(self._name(mode, name), float(value), step=step)
 
+  @_reporting_write_errors
   def text(self, mode, name, text, step):
     writer = self._writer(mode)
     if writer is None:
@@ -46,6 +71,19 @@ class SummaryWriter:
     with writer.as_default():
       tf.summary.text(self._name(mode, name), text, step=step)
 
+  @_reporting_write_errors
+  def run_record(self, config_text, hyperparameters):
+    """The operative gin configuration as the text summary `config` (as Meliad writes it),
+    and the hyperparameters for TensorBoard's HParams dashboard, at step 0."""
+    writer = self._writer("")
+    if writer is None:
+      return
+    with writer.as_default():
+      # Markdown: a code block keeps the configuration's lines as they are.
+      tf.summary.text("config", "```\n" + config_text + "\n```", step=0)
+      hparams_api.hparams(hyperparameters)
+
+  @_reporting_write_errors
   def parameter_statistics(self, model, step):
     """Mean and standard deviation of every parameter, under params/."""
     writer = self._writer("params")
@@ -58,6 +96,7 @@ class SummaryWriter:
         tf.summary.scalar(f"params/{name}/mean", float(value.mean()), step=step)
         tf.summary.scalar(f"params/{name}/std", float(value.std()), step=step)
 
+  @_reporting_write_errors
   def flush(self):
     for writer in self._writers.values():
       writer.flush()
@@ -95,6 +134,7 @@ class Accumulator:
       result["learning_rate"] = float(self.last["learning_rate"])
     return result
 
+  @_reporting_write_errors
   def flush(self):
     result = self._summary(self.sums, self.steps)
     self._reset()
@@ -137,6 +177,7 @@ class Progress:
 def format_metrics(metrics):
   keys = (("nats_per_token", "loss/token {:.4f}"), ("bits_per_token", "bits/token {:.4f}"),
           ("bits_per_char", "bits/byte {:.4f}"), ("accuracy", "accuracy {:.3f}"),
+          ("answer_bits_per_token", "answer bits/token {:.4f}"),
           ("learning_rate", "lr {:.2e}"))
   return " ".join(fmt.format(metrics[key]) for key, fmt in keys if key in metrics)
 

@@ -22,10 +22,10 @@ others' next collective fail (TensorFlow's coordination service notices the miss
 heartbeats within seconds), and they stop with `WorkerLostError`.
 """
 
-import json
+import contextlib
 import os
+import re
 import signal
-import threading
 
 from absl import logging
 import gin
@@ -33,55 +33,24 @@ import numpy as np
 import tensorflow as tf
 
 import pipelines
+from meliad_tf.common import storage
+from meliad_tf.model import footprint
+from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import checkpoints
 from meliad_tf.training import distribution
-from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import optimizer as optimizer_lib
-from meliad_tf.layers import scopes
 from meliad_tf.training import schedules
 from meliad_tf.training import state as state_lib
-from meliad_tf.common import storage
+from meliad_tf.training import step_losses as step_losses_lib
+from meliad_tf.training import steps as steps_lib
+from meliad_tf.training import stopping
 from meliad_tf.training import summaries
-
-# Batch fields the compiled steps take; the rest (document ids, epochs) stays on the host.
-MODEL_INPUTS = ("targets", "start_of_sequence", "loss_mask", "num_chars")
+from meliad_tf.training import workdir_lock
 
 
 def should_run(step, every):
   """Meliad's schedule for periodic work: never at step 0, never when `every` is 0."""
   return step > 0 and every > 0 and step % every == 0
-
-
-# A metric of every training step: 1.0 when its loss and gradients are all finite.
-ALL_FINITE = "all_finite"
-# Per-step training losses, JSON lines in the workdir (Trainer.record_step_losses).
-STEP_LOSSES_FILE = "step_losses.jsonl"
-
-
-def xla_around_host_calls(fn):
-  """`fn`, with the ops it creates marked for XLA.
-
-  XLA cannot compile a function that calls the host, so a step with a memory searched by
-  ScaNN cannot be one XLA program. Under this scope TensorFlow's clustering pass compiles
-  the ops on either side of the host call instead (the layers before the memory's search,
-  those after it, the backward pass, the optimizer) as XLA clusters, and leaves out the
-  host call (`tf.numpy_function`, which has no XLA kernel) for the graph to run between
-  them.
-  """
-
-  def compiled_around_host_calls(*args):
-    with tf.xla.experimental.jit_scope():
-      return fn(*args)
-
-  return compiled_around_host_calls
-
-
-@scopes.scoped("finite_check")
-def _all_finite(loss, grads):
-  """A bool scalar: the loss and every gradient are finite."""
-  checks = [tf.reduce_all(tf.math.is_finite(loss))]
-  checks += [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
-  return tf.reduce_all(tf.stack(checks))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,16 +80,13 @@ class WorkerLostError(RuntimeError):
 
 # What bad input (configuration, data, workdir, disk) raises from Trainer.build and
 # Trainer.train; meliad-train prints their message without a traceback.
-USER_ERRORS = (ValueError, OSError, NonFiniteLossError, WorkerLostError)
+USER_ERRORS = (ValueError, OSError, NonFiniteLossError, WorkerLostError,
+               workdir_lock.WorkdirLockedError)
 # What a collective raises when a peer host is gone: the coordination service reports the
 # missing heartbeats (Unavailable), or the peer's connection breaks (Aborted, Cancelled,
 # DeadlineExceeded).
 _PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.AbortedError,
                   tf.errors.CancelledError, tf.errors.DeadlineExceededError)
-# The signals a host can vote for, in the order of the vote vector: SIGTERM wins over
-# SIGINT when hosts received different ones, since a preemption is coming either way.
-_VOTED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 @gin.configurable(module="training_loop")
 class Trainer:
@@ -151,7 +117,7 @@ class Trainer:
     trace_debug_mode: run the steps eagerly, without tf.function, for debugging.
     print_variables: log every parameter's name and shape at start.
     jit_compile: compile the steps with XLA; with a memory searched on the host (the scann
-      backend), everything in them but the search (`xla_around_host_calls`).
+      backend), everything in them but the search (`steps.xla_around_host_calls`).
     max_checkpoints_to_keep: Meliad keeps 1; with more, a restore falls back to an older
       checkpoint when the newest cannot be read.
     skip_nonfinite_steps: a step whose loss or gradients are not finite leaves the
@@ -165,6 +131,10 @@ class Trainer:
       filesystems (a bucket) at checkpoints and at the end.
     steps_per_loop: training steps per call of the compiled training function (a loop in
       the graph, as Orbit's `use_tf_while_loop`); fewer where periodic work comes sooner.
+    max_consecutive_skipped_steps: with `skip_nonfinite_steps`, the run stops with
+      NonFiniteLossError after this many skipped steps in a row (it no longer learns).
+    workdir_lock_stale_seconds: another run's lock on the workdir whose heartbeat is older
+      than this is taken over (see `workdir_lock`).
   """
 
   def __init__(self, model_definition=model_lib.DecoderOnlyLanguageModel, num_steps=250_000,
@@ -178,7 +148,8 @@ class Trainer:
                rng_key_names=("dropout", "sample"), random_seed=42, replicate_mode=True,
                trace_debug_mode=False, print_variables=False, jit_compile=True,
                max_checkpoints_to_keep=1, skip_nonfinite_steps=False, record_step_losses=False,
-               steps_per_loop=1):
+               steps_per_loop=1, max_consecutive_skipped_steps=10,
+               workdir_lock_stale_seconds=600):
     del rng_key_names, replicate_mode  # Dropout seeds are derived from (random_seed, step).
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps),
                         ("status_every_steps", status_every_steps),
@@ -189,7 +160,8 @@ class Trainer:
                         ("parameter_metrics_every_steps", parameter_metrics_every_steps),
                         ("random_seed", random_seed),
                         ("max_checkpoints_to_keep", max_checkpoints_to_keep),
-                        ("steps_per_loop", steps_per_loop)):
+                        ("steps_per_loop", steps_per_loop),
+                        ("max_consecutive_skipped_steps", max_consecutive_skipped_steps)):
       if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Trainer.{name} must be an integer, got {value!r}")
     for name, value in (("num_steps", num_steps), ("num_test_steps", num_test_steps)):
@@ -209,8 +181,13 @@ class Trainer:
     if max_checkpoints_to_keep < 1:
       raise ValueError(f"Trainer.max_checkpoints_to_keep must be >= 1, got "
                        f"{max_checkpoints_to_keep}")
-    if steps_per_loop < 1:
-      raise ValueError(f"Trainer.steps_per_loop must be >= 1, got {steps_per_loop}")
+    for name, value in (("steps_per_loop", steps_per_loop),
+                        ("max_consecutive_skipped_steps", max_consecutive_skipped_steps)):
+      if value < 1:
+        raise ValueError(f"Trainer.{name} must be >= 1, got {value}")
+    if not workdir_lock_stale_seconds > 0:
+      raise ValueError(f"Trainer.workdir_lock_stale_seconds must be positive, got "
+                       f"{workdir_lock_stale_seconds!r}")
     self.model_definition = model_definition
     self.num_steps = num_steps
     self.status_every_steps = status_every_steps
@@ -237,6 +214,8 @@ class Trainer:
     self.skip_nonfinite_steps = skip_nonfinite_steps
     self.record_step_losses = record_step_losses
     self.steps_per_loop = steps_per_loop
+    self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+    self.workdir_lock_stale_seconds = workdir_lock_stale_seconds
 
   # ---------------------------------------------------------------------------------------
   # Building
@@ -248,6 +227,8 @@ class Trainer:
     tf.random.set_seed(self.random_seed)
     with self.strategy.scope():
       self.model = self.model_definition()
+    self._check_memory()
+    with self.strategy.scope():
       self.optimizer = self.optimizer_config.create()
       self.params = list(self.model.trainable_variables)
       self.optimizer.build(self.params)
@@ -268,12 +249,8 @@ class Trainer:
                                              self.strategy, "train")
     self.test_state = state_lib.StreamState(self.model.state_spec, self.batch_size,
                                             self.strategy, "test")
-    context = distribution.host_input_context(self.strategy)
-    self.train_iterator = iter(self._dataset(self.task_config.train_split, self.random_seed,
-                                             context))
-    self.test_iterator = (iter(self._dataset(self.task_config.test_split, self.random_seed + 1,
-                                             context))
-                          if self.num_test_steps and self.test_every_steps else None)
+    self.iterator_layout = pipelines.streams.ITERATOR_LAYOUT
+    self._make_iterators()
     if (self.steps_per_loop > 1 and self.calls_host and self.jit_compile
         and self.strategy.num_replicas_in_sync > 1):
       # TensorFlow's clustering around the host call fails inside a loop over several
@@ -286,13 +263,60 @@ class Trainer:
           "Trainer.steps_per_loop = 1")
     # Calling the schedule once here puts its gin bindings in the operative config.
     self.learning_rate(tf.constant(0, tf.int64))
-    self._build_steps()
+    self.steps = steps_lib.TrainingSteps(
+        self.model, self.optimizer, self.strategy, self.train_state, self.test_state,
+        learning_rate=self.learning_rate, random_seed=self.random_seed,
+        batch_size=self.batch_size, steps_per_loop=self.steps_per_loop,
+        skip_nonfinite_steps=self.skip_nonfinite_steps, jit_compile=self.jit_compile,
+        eager=self.trace_debug_mode)
     return self
+
+  def _check_memory(self):
+    """Refuses, before the optimizer, the states and the data are made, a configuration
+    whose training needs more memory than the host has (checked where the steps run on the
+    host's CPU; an accelerator's memory is its own)."""
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+      return
+    config = self.model.task_config
+    host_streams = config.batch_size * distribution.local_replica_count(self.strategy)
+    needed = footprint.training_footprint(self.model, host_streams, config.sequence_length)
+    available = footprint.available_host_bytes()
+    if available is not None and needed.total > available:
+      raise ValueError(
+          f"training this configuration needs {needed.describe()} with "
+          f"{host_streams} streams of {config.sequence_length} tokens "
+          f"(TransformerTaskConfig.batch_size, sequence_length), but this machine has "
+          f"{available / 2**30:.3g} GiB of memory available; use smaller sizes")
+
+  def _make_iterators(self):
+    context = distribution.host_input_context(self.strategy)
+    self.train_iterator = iter(self._dataset(self.task_config.train_split, self.random_seed,
+                                             context))
+    self.test_iterator = (iter(self._dataset(self.task_config.test_split, self.random_seed + 1,
+                                             context))
+                          if self.num_test_steps and self.test_every_steps else None)
 
   def _dataset(self, split, seed, context):
     return pipelines.load_text_dataset(
         self.task, split=split, sequence_length=self.sequence_length,
-        batch_size=self.host_batch_size, training=True, seed=seed, input_context=context)
+        batch_size=self.host_batch_size, training=True, seed=seed, input_context=context,
+        iterator_layout=self.iterator_layout)
+
+  def _continue_iterator_layout(self, workdir):
+    """Rebuilds the data iterators in the layout of the workdir's checkpoints where an older
+    version wrote them, so that their saved positions restore (and the run goes on reading
+    as it did)."""
+    saved = checkpoints.saved_data_signature(workdir) if workdir else None
+    if saved is None:
+      return
+    layout = saved.get("iterator_layout", 1)
+    # An unknown layout is left to the signature check, which names it.
+    if layout == self.iterator_layout or layout not in pipelines.streams.ITERATOR_LAYOUTS:
+      return
+    logging.info("the checkpoints in %s were written with data iterators of layout %d; this "
+                 "run continues in that layout", workdir, layout)
+    self.iterator_layout = layout
+    self._make_iterators()
 
   @property
   def calls_host(self):
@@ -304,138 +328,6 @@ class Trainer:
                                    self.warmup_steps, self.learning_rate_multiplier,
                                    self.optimizer_config.learning_rate)
 
-  def _dropout_seed(self, step):
-    return tf.stack([tf.constant(self.random_seed, tf.int64), tf.cast(step, tf.int64)])
-
-  def _forward_backward(self, batch, seed):
-    """One replica's gradients, metrics and its streams' new training state.
-
-    Every replica gets the same dropout seed: Meliad's masks are shared by all streams,
-    so with the same seed several replicas compute what one device would.
-    """
-    with tf.GradientTape() as tape:
-      _, metrics, new_state = self.model(batch, self.train_state.read(), training=True,
-                                         seed=seed)
-      loss = metrics["loss"]
-    grads = tape.gradient(loss, self.params)
-    grads = [tf.zeros_like(p) if g is None else tf.convert_to_tensor(g)
-             for g, p in zip(grads, self.params)]
-    return grads, _scalars(metrics), new_state
-
-  def _store_train_state(self, new_state, all_finite):
-    """Keeps the streams' new state; a skipped non-finite step keeps the old one (replica
-    context)."""
-    if self.skip_nonfinite_steps:
-      new_state = tf.nest.map_structure(lambda new, old: tf.where(all_finite, new, old),
-                                        new_state, self.train_state.read())
-    self.train_state.assign(new_state)
-
-  def _evaluate(self, batch):
-    _, metrics, new_state = self.model(batch, self.test_state.read(), training=False)
-    self.test_state.assign(new_state)
-    return _scalars(metrics)
-
-  def _build_steps(self):
-    if self.trace_debug_mode:
-      compile_fn = lambda f: f
-    elif self.jit_compile and self.calls_host:
-      compile_fn = lambda f: tf.function(xla_around_host_calls(f))
-    else:
-      compile_fn = lambda f: tf.function(f, jit_compile=self.jit_compile)
-    if self.strategy.num_replicas_in_sync == 1:
-      # One program for the whole loop, optimizer included.
-      forward_backward, evaluate, outer = self._forward_backward, self._evaluate, compile_fn
-    else:
-      # Each replica's pass is compiled; the all-reduce and the update run around it.
-      forward_backward = compile_fn(self._forward_backward)
-      evaluate = compile_fn(self._evaluate)
-      outer = (lambda f: f) if self.trace_debug_mode else tf.function
-
-    def train_step(batches, index):
-      learning_rate = self.learning_rate(self.optimizer.iterations)
-      seed = self._dropout_seed(self.optimizer.iterations)
-      # A Python function around the compiled one: handed a tf.function directly,
-      # MirroredStrategy traces it once and every replica then reads replica 0's state.
-      grads, metrics, new_state = self.strategy.run(
-          lambda b, s: forward_backward(tf.nest.map_structure(lambda x: x[index], b), s),
-          (batches, seed))
-      # Each replica's loss is the sum over its streams; gradients are averaged (pmean).
-      # One reduction per gradient: MultiWorkerMirroredStrategy cannot reduce a list whose
-      # tensors differ in rank in one call.
-      grads = [self.strategy.reduce(tf.distribute.ReduceOp.MEAN, g, axis=None) for g in grads]
-      metrics = self._reduce_metrics(metrics)
-      # One decision for all replicas, so that a skipped step leaves every stream as it was.
-      finite = _all_finite(metrics["loss"], grads)
-      self.strategy.run(lambda s, f: self._store_train_state(s, f), (new_state, finite))
-      self._apply_on_every_replica(grads, learning_rate,
-                                   finite if self.skip_nonfinite_steps else None)
-      return dict(metrics, learning_rate=learning_rate,
-                  **{ALL_FINITE: tf.cast(finite, tf.float32)})
-
-    def metrics_row(metrics):
-      # The keys are known once the step is traced; the host reads the rows by them.
-      self.metric_keys = sorted(metrics)
-      return tf.stack([tf.cast(metrics[k], tf.float32) for k in self.metric_keys])
-
-    def train_steps(batches, num_steps, stop_votes):
-      """Runs `num_steps` steps on `batches` (fields [steps_per_loop, B, ...]).
-
-      Returns:
-        ([steps_per_loop, len(metric_keys)] float32 rows of the steps' metrics, zero past
-        `num_steps`; the stop votes [len(_VOTED_SIGNALS)] summed over the replicas).
-      """
-      if self.steps_per_loop == 1:
-        rows = metrics_row(train_step(batches, 0))[tf.newaxis]
-      else:
-        rows = tf.TensorArray(tf.float32, size=self.steps_per_loop)
-        for index in tf.range(num_steps):
-          rows = rows.write(index, metrics_row(train_step(batches, index)))
-        rows = rows.stack()
-      votes = self.strategy.reduce(tf.distribute.ReduceOp.SUM, stop_votes, axis=None)
-      return rows, votes
-
-    def test_step(batch):
-      return self._reduce_metrics(self.strategy.run(lambda b: evaluate(b), (batch,)))
-
-    self._train_steps = outer(train_steps)
-    self._test_step = outer(test_step)
-
-  def _reduce_metrics(self, per_replica):
-    """Counts add up across replicas; diagnostics are averaged."""
-    return {key: self.strategy.reduce(
-        tf.distribute.ReduceOp.MEAN if key.startswith(model_lib.DIAGNOSTICS_PREFIX)
-        else tf.distribute.ReduceOp.SUM, value, axis=None)
-            for key, value in per_replica.items()}
-
-  @scopes.scoped("optimizer")
-  def _apply_on_every_replica(self, grads, learning_rate, all_finite=None):
-    """The optimizer update, applied to each replica's copy of every parameter.
-
-    With `all_finite` (a bool scalar) given, a step where it is False leaves the parameters
-    and slots as they were; the step count moves on either way.
-    """
-    step = self.optimizer.iterations.read_value()
-    for param, grad in zip(self.params, grads):
-      slots = self.optimizer.slots_for(param)
-      names = sorted(slots)
-
-      def update(param_copy, grad, *slot_copies, names=names):
-        old_slots = {name: slot.read_value() for name, slot in zip(names, slot_copies)}
-        old_param = param_copy.read_value()
-        new_param, new_slots = self.optimizer.update(old_param, grad, old_slots, step,
-                                                     learning_rate)
-        if all_finite is not None:
-          new_param = tf.where(all_finite, new_param, old_param)
-          new_slots = {name: tf.where(all_finite, new_slots[name], old_slots[name])
-                       for name in names}
-        param_copy.assign(new_param)
-        for name, slot in zip(names, slot_copies):
-          slot.assign(new_slots[name])
-
-      self.strategy.extended.update(param, update, args=(grad, *[slots[n] for n in names]),
-                                    group=False)
-    self.optimizer.iterations.assign_add(1)
-
   def _read_batch(self, iterator):
     try:
       return next(iterator)
@@ -445,46 +337,15 @@ class Trainer:
       raise DataError(f"reading split {split!r} of task {self.task_config.dataset_name!r} "
                       f"failed: {_without_graph_context(e.message)}") from e
 
-  def _next_batch(self, iterator):
-    """The next host batch, and its model inputs split across the local replicas."""
-    host = self._read_batch(iterator)
-    inputs = {key: host[key] for key in MODEL_INPUTS if key in host}
-    return host, distribution.split_streams(self.strategy, inputs, self.batch_size)
-
   # ---------------------------------------------------------------------------------------
   # Steps
 
-  @property
-  def train_function(self):
-    """The compiled training loop: (batches, num_steps, stop votes) -> (metric rows, votes)."""
-    return self._train_steps
-
-  def train_call_arguments(self, num_steps, stop_signal=None):
-    """Reads `num_steps` host batches; returns them and the arguments of `train_function`.
-
-    Args:
-      num_steps: 1 to `steps_per_loop`.
-      stop_signal: a signal this host received, voted for inside the call (None: none).
-    """
-    if not 1 <= num_steps <= self.steps_per_loop:
-      raise ValueError(f"num_steps must be in [1, {self.steps_per_loop}], got {num_steps}")
-    hosts = [self._read_batch(self.train_iterator) for _ in range(num_steps)]
-    stacked = {}
-    for key in MODEL_INPUTS:
-      if key in hosts[0]:
-        values = [host[key] for host in hosts]
-        # The loop's inputs keep one shape; it never reads the padding.
-        values += [tf.zeros_like(values[0])] * (self.steps_per_loop - num_steps)
-        stacked[key] = tf.stack(values)
-    votes = np.zeros([len(_VOTED_SIGNALS)], np.float32)
-    if stop_signal is not None:
-      votes[_VOTED_SIGNALS.index(stop_signal)] = 1.0
-    return hosts, (distribution.split_streams(self.strategy, stacked, self.batch_size, axis=1),
-                   tf.constant(num_steps),
-                   distribution.on_every_replica(self.strategy, tf.constant(votes)))
+  def next_training_batches(self, num_steps):
+    """This host's next `num_steps` training batches."""
+    return [self._read_batch(self.train_iterator) for _ in range(num_steps)]
 
   def train_steps(self, num_steps, stop_signal=None):
-    """Runs `num_steps` training steps in one call of the compiled loop.
+    """Runs `num_steps` (at most `steps_per_loop`) training steps in one call.
 
     Args:
       num_steps: 1 to `steps_per_loop`.
@@ -493,11 +354,10 @@ class Trainer:
       (the host batches, one dict of metric sums per step, and the signal that some host
       voted for, or None).
     """
-    hosts, arguments = self.train_call_arguments(num_steps, stop_signal)
-    rows, votes = self._train_steps(*arguments)
-    rows = rows.numpy()
-    metrics = [dict(zip(self.metric_keys, rows[i])) for i in range(num_steps)]
-    voted = next((s for s, v in zip(_VOTED_SIGNALS, votes.numpy()) if v > 0), None)
+    if not 1 <= num_steps <= self.steps_per_loop:
+      raise ValueError(f"num_steps must be in [1, {self.steps_per_loop}], got {num_steps}")
+    hosts = self.next_training_batches(num_steps)
+    metrics, voted = self.steps.train(hosts, stop_signal)
     return hosts, metrics, voted
 
   def train_step(self):
@@ -509,8 +369,7 @@ class Trainer:
     """Runs `num_test_steps` test steps; returns the metrics summed over them."""
     totals = {}
     for _ in range(self.num_test_steps):
-      _, batch = self._next_batch(self.test_iterator)
-      for key, value in self._test_step(batch).items():
+      for key, value in self.steps.test(self._read_batch(self.test_iterator)).items():
         totals[key] = totals.get(key, 0.0) + float(value.numpy())
     return totals
 
@@ -521,7 +380,7 @@ class Trainer:
   # ---------------------------------------------------------------------------------------
   # The loop
 
-  def train(self, workdir, load_dir=""):
+  def train(self, workdir, load_dir="", force=False):
     """Trains to `num_steps`; returns the metrics of the last test cycle (or None).
 
     SIGTERM (a preemption notice) or SIGINT stops the run at the next step boundary: it
@@ -534,12 +393,14 @@ class Trainer:
       workdir: checkpoints, TensorBoard summaries and config.gin ("" for none); any
         filesystem TensorFlow reads (`gs://...`). With several hosts, storage they share.
       load_dir: a workdir to start from when `workdir` has no checkpoint yet.
+      force: take the workdir's lock over from another run (one that is gone).
     Raises:
       NonFiniteLossError: a step's loss or gradients were not finite and
         `skip_nonfinite_steps` is off; nothing is saved after the last good step.
       TrainingInterrupted: after SIGTERM or SIGINT, once the checkpoint is written.
       DataError: the input pipeline failed on the data.
       WorkerLostError: another host stopped answering.
+      workdir_lock.WorkdirLockedError: another run holds the workdir (or took it over).
       checkpoints.IncompatibleCheckpointError, checkpoints.UnreadableCheckpointError: the
         workdir (or load_dir) holds a checkpoint this run cannot continue from.
       checkpoints.CheckpointWriteError: a checkpoint could not be written; the previous
@@ -548,7 +409,7 @@ class Trainer:
     if workdir and tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
       raise ValueError(f"the workdir {workdir} is a file, not a directory")
     try:
-      return self._train(workdir, load_dir)
+      return self._train(workdir, load_dir, force)
     except _PEER_FAILURES as e:
       if distribution.num_hosts(self.strategy) == 1:
         raise
@@ -557,20 +418,62 @@ class Trainer:
           f"{_without_graph_context(e.message).split('. ')[0]}. Start every host again with "
           "the same command to continue from the last checkpoint") from e
 
-  def _train(self, workdir, load_dir):
-    self.checkpoints = checkpoints.CheckpointKeeper(self, workdir, self.max_checkpoints_to_keep)
-    # Only the chief writes the workdir; the other hosts read its checkpoints.
+  def _train(self, workdir, load_dir, force):
+    # Only the chief writes the workdir (and holds its lock); the other hosts read it.
     own_workdir = workdir if self.is_chief else ""
-    with _StopRequests() as stop_requests:
+    if not workdir and self.is_chief:
+      logging.warning("no --workdir: nothing of this run (checkpoints, summaries, config) "
+                      "will be saved")
+    lock = (workdir_lock.WorkdirLock(own_workdir, force=force,
+                                     stale_seconds=self.workdir_lock_stale_seconds)
+            if own_workdir else contextlib.nullcontext())
+    with lock, stopping.StopRequests() as stop_requests:
+      guard = lock.check if own_workdir else None
+      self.checkpoints = self.checkpoint_keeper(workdir, guard=guard)
       if self.restore_checkpoints:
         self.checkpoints.restore(load_dir)
       if own_workdir:
-        storage.write_atomically(os.path.join(own_workdir, "config.gin"),
-                                 gin.operative_config_str())
-      losses_path = (os.path.join(own_workdir, STEP_LOSSES_FILE)
+        config_path = os.path.join(own_workdir, "config.gin")
+        self._warn_if_the_schedule_moves(config_path)
+        guard()
+        storage.write_atomically(config_path, gin.operative_config_str())
+      losses_path = (os.path.join(own_workdir, step_losses_lib.FILE_NAME)
                      if own_workdir and self.record_step_losses else "")
-      with _StepLossLog(losses_path, self.step) as step_losses:
-        return self._train_loop(own_workdir, stop_requests, step_losses)
+      with step_losses_lib.StepLossLog(losses_path, self.step) as step_losses:
+        try:
+          return self._train_loop(own_workdir, stop_requests, step_losses)
+        except summaries.SummaryWriteError as e:
+          raise summaries.SummaryWriteError(f"{e}. {self._save_after_failure()}") from e
+
+  def _save_after_failure(self):
+    """Saves a checkpoint after a failure that left the state sound; says what became of it."""
+    if not self.save_checkpoints or distribution.num_hosts(self.strategy) > 1:
+      # With several hosts the others are already in the next step's collectives.
+      return self._last_checkpoint_note()
+    try:
+      path = self.checkpoints.save()
+    except checkpoints.CheckpointWriteError as e:
+      return f"The checkpoint could not be saved either: {e}"
+    return (f"Saved {path}; make room and run the same command to continue" if path
+            else "Nothing was saved (no workdir)")
+
+  def _warn_if_the_schedule_moves(self, config_path):
+    """Warns when a resumed run's learning-rate horizon differs from the one its steps so far
+    followed (Trainer.max_scheduled_steps, or num_steps when 0)."""
+    if not self.step or not tf.io.gfile.exists(config_path):
+      return
+    text = storage.read_text(config_path)
+    settings = {name: int(value) for name, value in re.findall(
+        r"^Trainer\.(num_steps|max_scheduled_steps) = (\d+)$", text, re.MULTILINE)}
+    if "num_steps" not in settings:
+      return
+    horizon = settings.get("max_scheduled_steps") or settings["num_steps"]
+    if horizon != self.max_scheduled_steps:
+      logging.warning(
+          "the learning-rate schedule's horizon was %d steps for the %d steps already run and "
+          "is %d from now on (Trainer.max_scheduled_steps, or Trainer.num_steps when it is "
+          "0): the schedule jumps at step %d. Set Trainer.max_scheduled_steps = %d to keep "
+          "it", horizon, self.step, self.max_scheduled_steps, self.step, horizon)
 
   def _periodic_work_after(self, step):
     """Whether summaries, a test cycle or a checkpoint come after training step `step`."""
@@ -592,25 +495,35 @@ class Trainer:
   def _train_loop(self, workdir, stop_requests, step_losses):
     writer = summaries.SummaryWriter(workdir, self.use_separate_metric_directories)
     self._log_start(workdir)
+    if self.step == 0:
+      writer.run_record(gin.operative_config_str(), self.hyperparameters())
     tokens_per_step = self.global_batch_size * self.sequence_length
     progress = summaries.Progress(self.step, self.num_steps, tokens_per_step)
     accumulated = summaries.Accumulator()
     test_metrics, last_test_step = None, None
-    skipped_steps = 0
+    skipped_steps = skipped_in_a_row = 0
     while self.step < self.num_steps:
       first = self.step
       hosts, metrics, voted = self.train_steps(self._steps_in_next_call(first),
                                                stop_requests.signal_number)
       for step, step_metrics in enumerate(metrics, start=first):
-        finite = bool(step_metrics.pop(ALL_FINITE))
+        finite = bool(step_metrics.pop(steps_lib.ALL_FINITE))
         step_losses.write(step, step_metrics["loss"] if finite else None,
                           skipped=not finite and self.skip_nonfinite_steps)
         if finite:
           accumulated.add(step_metrics)
+          skipped_in_a_row = 0
         elif self.skip_nonfinite_steps:
           skipped_steps += 1
+          skipped_in_a_row += 1
           logging.warning("step %d skipped: the training loss (%s) or a gradient is not "
                           "finite", step, step_metrics["loss"])
+          if skipped_in_a_row >= self.max_consecutive_skipped_steps:
+            raise NonFiniteLossError(
+                f"the last {skipped_in_a_row} steps, up to step {step}, were all skipped "
+                "(their loss or gradients were not finite): the run no longer learns; "
+                f"stopping. {self._last_checkpoint_note()} Lower the learning rate, or raise "
+                "Trainer.max_consecutive_skipped_steps")
         else:
           raise NonFiniteLossError(
               f"the training loss ({step_metrics['loss']}) or a gradient is not finite at "
@@ -692,6 +605,43 @@ class Trainer:
     if workdir:
       logging.info("TensorBoard: tensorboard --logdir=%s", workdir)
 
+  def checkpoint_keeper(self, workdir, max_to_keep=None, guard=None):
+    """A `CheckpointKeeper` of this run's checkpoints in `workdir`.
+
+    Args:
+      workdir: the run's workdir ("" for none).
+      max_to_keep: checkpoints kept; None: Trainer.max_checkpoints_to_keep.
+      guard: see `CheckpointKeeper`.
+    """
+    self._continue_iterator_layout(workdir)
+    contents = checkpoints.Contents(
+        strategy=self.strategy, model=self.model, optimizer=self.optimizer,
+        train_state=self.train_state, test_state=self.test_state,
+        train_iterator=self.train_iterator, test_iterator=self.test_iterator,
+        parameter_summary=self.parameter_summary, data_signature=self.data_signature,
+        restore_state_variables=self.restore_state_variables)
+    return checkpoints.CheckpointKeeper(contents, workdir,
+                                        max_to_keep or self.max_checkpoints_to_keep, guard)
+
+  def hyperparameters(self):
+    """The run's main settings, for TensorBoard's HParams dashboard."""
+    stack = self.model.decoder
+    layer = stack.layers[0]
+    values = {
+        "dataset": self.task_config.dataset_name, "num_layers": stack.num_layers,
+        "embed_dim": stack.embedding_size, "num_heads": layer.num_heads,
+        "head_dim": layer.head_size, "window_length": layer.window_length,
+        "sequence_length": self.sequence_length, "global_batch_size": self.global_batch_size,
+        "num_steps": self.num_steps, "warmup_steps": self.warmup_steps,
+        "learning_rate_schedule": getattr(self.learning_rate_schedule, "__name__",
+                                          str(self.learning_rate_schedule)),
+        "learning_rate_multiplier": float(self.learning_rate_multiplier),
+        "memory_layers": str(list(stack.memory_layer_indices)),
+        "recurrent_layers": str(list(stack.recurrent_layer_indices)),
+        "dtype": stack.dtype.name, "random_seed": self.random_seed,
+    }
+    return values
+
   def data_signature(self):
     """What the checkpointed data iterators read; a resume must read the same."""
     config = self.task_config
@@ -701,6 +651,8 @@ class Trainer:
     hosts = distribution.num_hosts(self.strategy)
     if hosts > 1:  # Each host's pipeline reads its own share of the documents.
       signature["input_pipelines"] = hosts
+    if self.iterator_layout > 1:  # Signatures without it were written under layout 1.
+      signature["iterator_layout"] = self.iterator_layout
     return signature
 
   def parameter_summary(self):
@@ -708,124 +660,14 @@ class Trainer:
     shapes = {v.name: list(v.shape) for v in self.params}
     for mode in (self.train_state, self.test_state):
       for path, variable in _flatten_with_paths(mode.checkpointable.variables_by_name):
-        shapes[f"state_{mode.name}/{path}"] = list(variable.shape)
+        shapes[f"state_{mode.mode}/{path}"] = list(variable.shape)
     return shapes
-
-
-def _scalars(metrics):
-  """The scalar metrics: the model also returns per-token losses and predictions when built
-  with `output_token_losses` (for scoring), which summaries do not take."""
-  return {key: value for key, value in metrics.items() if value.shape.rank == 0}
 
 
 def _without_graph_context(message):
   """A TensorFlow error message without the graph node lines it appends."""
   lines = [line for line in message.splitlines() if not line.strip().startswith("[[")]
   return " ".join(line.strip() for line in lines if line.strip())
-
-
-class _StopRequests:
-  """While active (in the main thread), SIGTERM and SIGINT ask the loop to stop.
-
-  The first signal is recorded and the previous handlers come back, so that a second one
-  acts at once (SIGTERM ends the process, SIGINT raises KeyboardInterrupt).
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.signal_number = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-    return self
-
-  def _handle(self, signal_number, frame):
-    del frame
-    self.signal_number = signal_number
-    self._restore_handlers()
-    logging.warning("received %s: stopping at the next step boundary, after a checkpoint "
-                    "(send it again to stop at once)", signal.Signals(signal_number).name)
-
-  def _restore_handlers(self):
-    for signal_number, handler in self._previous.items():
-      # None: a handler not installed from Python; the default is the closest stand-in.
-      signal.signal(signal_number, signal.SIG_DFL if handler is None else handler)
-    self._previous = {}
-
-  def __exit__(self, *exc_info):
-    self._restore_handlers()
-
-
-class _StepLossLog:
-  """`{"step": s, "loss": x}` per training step, in a JSON-lines file.
-
-  Opening the log keeps only the records of the steps before `first_step`, the step the
-  run continues from: a restarted run repeats the steps after its checkpoint, and a killed
-  one may have left a partial last line. On a local disk records are appended and each is
-  flushed as it is written. Other filesystems cannot append in place (a GCS object is
-  written whole), so there the log is kept in memory and rewritten, atomically, at
-  checkpoints and at the end. With no path, nothing is written.
-  """
-
-  def __init__(self, path, first_step):
-    self.path = path
-    self.first_step = first_step
-    self.append_in_place = not storage.has_scheme(path)
-    self._records = []
-    self._file = None
-
-  def __enter__(self):
-    if self.path:
-      kept = self._records_before(self.first_step)
-      if self.append_in_place:
-        self._file = tf.io.gfile.GFile(self.path, "a")
-      else:
-        self._records = kept
-    return self
-
-  def _records_before(self, step):
-    """The file's complete records of the steps before `step`; rewrites it if it held more."""
-    if not tf.io.gfile.exists(self.path):
-      return []
-    lines = storage.read_text(self.path).splitlines(keepends=True)
-    kept = []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except ValueError:  # the partial last line of a killed run
-        break
-      if not line.endswith("\n") or record["step"] >= step:
-        break
-      kept.append(line)
-    if len(kept) < len(lines):
-      storage.write_atomically(self.path, "".join(kept))
-    return kept
-
-  def write(self, step, loss, skipped=False):
-    """Records one step; `loss` None for a non-finite one."""
-    if not self.path:
-      return
-    record = {"step": step, "loss": None if loss is None else float(loss)}
-    if skipped:
-      record["skipped"] = True
-    line = json.dumps(record) + "\n"
-    if self.append_in_place:
-      self._file.write(line)
-      self._file.flush()
-    else:
-      self._records.append(line)
-
-  def flush(self):
-    if self.path and not self.append_in_place:
-      storage.write_atomically(self.path, "".join(self._records))
-
-  def __exit__(self, *exc_info):
-    if self._file is not None:
-      self._file.close()
-    self.flush()
 
 
 def _flatten_with_paths(nested, prefix=""):

@@ -41,6 +41,7 @@ import sys
 
 import numpy as np
 
+
 FAMILIES = {
     # name: (gin files after base_htrans.gin, extra bindings, orbax format)
     "xl_t5": ([], [], False),

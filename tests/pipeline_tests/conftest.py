@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 import pipelines
 
+
 # Standard library modules small enough for quick epochs at L = 64.
 _SMALL_MODULE_BYTES = 6000
 

@@ -3,6 +3,7 @@ documents from the batches alone."""
 
 import collections
 
+
 def to_numpy(batch):
   return {key: value.numpy() for key, value in batch.items()}
 

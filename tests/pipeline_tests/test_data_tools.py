@@ -17,6 +17,7 @@ from meliad_tools import data as data_tool
 from meliad_tools import vocab as vocab_tool
 from pipeline_helpers import check_epochs
 
+
 TASK_GIN_DIR = pathlib.Path(meliad_configs.__file__).parent / "tasks"
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import pipelines
 from pipelines import loss_mask
+import pipelines
 from pipeline_helpers import take
+
 
 # Tokens 0..7 of a hand-worked document: start subsequence (2,) at 2, end subsequence (1,) at 5.
 _DOCUMENT = [5, 6, 2, 7, 8, 1, 9, 4]

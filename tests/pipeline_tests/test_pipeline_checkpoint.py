@@ -91,7 +91,7 @@ def test_iterator_checkpoint_holds_positions_not_text(tmp_path, training):
   assert abs(sizes[1] - sizes[0]) < 1_000, sizes
 
 
-def test_checkpoint_grows_by_under_2_kb_per_stream(stdlib_source, tmp_path):
+def test_checkpoint_grows_by_under_3_kb_per_stream(stdlib_source, tmp_path):
   sizes = {}
   for batch_size in (2, 16):
     task = pipelines.Task("stdlib", stdlib_source, pipelines.ByteVocabulary())
@@ -99,7 +99,7 @@ def test_checkpoint_grows_by_under_2_kb_per_stream(stdlib_source, tmp_path):
     directory = tmp_path / f"{batch_size}"
     directory.mkdir()
     sizes[batch_size] = _checkpoint_bytes(dataset, skip=3, directory=directory)
-  assert (sizes[16] - sizes[2]) / 14 < 2_000, sizes
+  assert (sizes[16] - sizes[2]) / 14 < 3_000, sizes
 
 
 def test_serialized_iterator_state_restores_into_a_fresh_pipeline(stdlib_source):
@@ -120,3 +120,17 @@ def test_serialized_iterator_state_restores_into_a_fresh_pipeline(stdlib_source)
   for a, b in zip(expected, [to_numpy(next(restored)) for _ in range(20)]):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_the_older_iterator_layout_reads_the_same_batches_and_restores_its_own(tmp_path):
+  source = pipelines.SyntheticSource(num_documents=6, document_length=200, num_facts=2)
+  task = pipelines.Task("synthetic", source, pipelines.RawByteVocabulary())
+  shape = dict(sequence_length=32, batch_size=2, seed=5)
+  older = pipelines.load_text_dataset(task, "train", iterator_layout=1, **shape)
+  newer = pipelines.load_text_dataset(task, "train", **shape)
+  for a, b in zip(older.take(30), newer.take(30)):
+    for key in a:
+      np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
+  _assert_resumes_exactly(older, tmp_path, skip=30, compare=20)
+  with pytest.raises(ValueError, match="iterator_layout must be one of"):
+    pipelines.load_text_dataset(task, "train", iterator_layout=3, **shape)

@@ -10,6 +10,7 @@ import tensorflow as tf
 import pipelines
 from pipeline_helpers import complete_epochs, take
 
+
 BYTES = pipelines.ByteVocabulary()
 
 

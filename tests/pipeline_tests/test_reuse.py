@@ -15,6 +15,7 @@ import tensorflow as tf
 import pipelines
 from pipeline_helpers import check_epochs, check_evaluation, reconstruct, take
 
+
 README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 import pipelines
 from pipeline_helpers import check_epochs, check_evaluation, epoch_order, reconstruct, take
 
+
 BYTES = pipelines.ByteVocabulary()
 
 

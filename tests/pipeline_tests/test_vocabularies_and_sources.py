@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 import pytest
 import tensorflow as tf
 
@@ -20,7 +22,7 @@ def test_byte_vocabulary_shifts_by_three_and_keeps_undecodable_bytes():
 def test_raw_byte_vocabulary_passes_bytes_and_rejects_byte_zero(tmp_path):
   vocab = pipelines.RawByteVocabulary()
   assert vocab.vocab_size == 256 and vocab.encode(b"Az") == [65, 122]
-  (tmp_path / "nul.bin").write_bytes(b"a\x00b")
+  (tmp_path / "nul.bin").write_bytes(b"a" * 9000 + b"\x00b")  # not sniffed as binary
   task = pipelines.get_task(f"files_raw_bytes:{tmp_path}/*.bin")
   split = pipelines.hash_split("nul.bin")
   dataset = pipelines.load_text_dataset(task, split, sequence_length=8, batch_size=1, training=False)
@@ -98,3 +100,53 @@ def test_synthetic_task_feeds_meliads_256_embeddings():
   assert task.vocabulary.kind == "raw_bytes" and task.vocabulary.vocab_size == 256
   batch = take(pipelines.load_text_dataset(task, "train", sequence_length=128, batch_size=2), 1)[0]
   assert batch["targets"].max() < 256 and batch["start_of_sequence"].all()
+
+
+def _answer_positions_of_first_document(task):
+  """(tokens, answer_mask) of the first test document's segments laid end to end."""
+  batches = take(pipelines.load_text_dataset(task, "test", sequence_length=64, batch_size=1,
+                                             training=False), 100)
+  first = [b for b in batches if b["document_index"][0] == 0]
+  tokens = np.concatenate([b["targets"][0] for b in first])
+  mask = np.concatenate([b["answer_mask"][0] for b in first])
+  return tokens, mask
+
+
+def test_synthetic_answers_are_the_values_asked_again():
+  source = pipelines.SyntheticSource(seed=5, num_documents=2, num_eval_documents=2,
+                                     document_length=1500, num_facts=4)
+  text = source.generate("test", 0)
+  asked = re.findall(rb"key \w+ = value (\w+)\.", text)[4:]
+  spans = source.answer_spans("test", 0)
+  assert [text[start:end] for start, end in spans] == asked
+  assert all(start > text.index(b"Recall the facts.") for start, _ in spans)
+  task = pipelines.Task("synthetic", source, pipelines.ByteVocabulary())
+  tokens, mask = _answer_positions_of_first_document(task)
+  # Position i is marked when its target, token i + 1, is a byte of an answer.
+  marked = [i + 1 for i in np.nonzero(mask)[0]]
+  assert marked == [o for start, end in spans for o in range(start, end)]
+  assert bytes((tokens[marked] - 3).tolist()) == b"".join(asked)
+
+
+def test_answers_of_sentencepiece_tokens_are_the_tokens_holding_answer_bytes(sentencepiece_model):
+  source = pipelines.SyntheticSource(seed=5, num_documents=2, num_eval_documents=2,
+                                     document_length=1500, num_facts=4)
+  vocab = pipelines.SentencePieceVocabulary(sentencepiece_model)
+  text = source.generate("test", 0)
+  answer_bytes = {o for start, end in source.answer_spans("test", 0) for o in range(start, end)}
+  # The pieces from the processor itself, and their byte ranges by decoding prefixes.
+  ids = vocab.encode(text)
+  ends = [len(vocab.decode_bytes(ids[:n + 1])) for n in range(len(ids))]
+  starts = [0] + ends[:-1]
+  want = [n for n in range(1, len(ids))
+          if any(o in answer_bytes for o in range(starts[n], ends[n]))]
+  task = pipelines.Task("synthetic", source, vocab)
+  tokens, mask = _answer_positions_of_first_document(task)
+  assert tokens[:len(ids)].tolist() == ids
+  assert [i + 1 for i in np.nonzero(mask)[0]] == want
+
+
+def test_sources_without_answers_have_no_answer_mask(stdlib_source):
+  task = pipelines.Task("stdlib", stdlib_source, pipelines.ByteVocabulary())
+  dataset = pipelines.load_text_dataset(task, "train", sequence_length=64, batch_size=2)
+  assert "answer_mask" not in dataset.element_spec
