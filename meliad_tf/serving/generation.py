@@ -26,6 +26,9 @@ import math
 
 import tensorflow as tf
 
+from meliad_tf.training import steps
+
+
 GREEDY = "greedy"
 SAMPLE = "sample"
 SAMPLING_METHODS = (GREEDY, SAMPLE)
@@ -74,7 +77,8 @@ class IncrementalDecoder:
 
   Args:
     model: a `model.DecoderOnlyLanguageModel` whose layers all have the XL cache.
-    jit_compile: compile the decode step with XLA.
+    jit_compile: compile the decode step with XLA (around the host's search for a memory
+      searched on the host).
   Raises:
     GenerationNotSupportedError: for a layer without the XL cache.
   """
@@ -85,7 +89,8 @@ class IncrementalDecoder:
       raise GenerationNotSupportedError(reason)
     self.model = model
     self.stack = model.decoder
-    self._token_step = tf.function(self._step_without_memories, jit_compile=jit_compile)
+    self._token_step = steps.compile_step(self._step_without_memories, jit_compile,
+                                          calls_host=bool(self.stack.host_search_layers))
 
   def init_state(self, model_state, start_of_sequence):
     """Decode state from the model state at a segment boundary (see
@@ -185,8 +190,9 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
     temperature: float32 scalar; 0 is greedy decoding.
     top_k: int32 scalar; 0 samples from the whole vocabulary.
     seed: int [2]; the same seed gives the same tokens.
-    jit_compile: compile the forward passes and the decode step with XLA (sampling stays
-      outside, so the draws do not depend on it).
+    jit_compile: compile the forward passes and the decode step with XLA (around the host's
+      search for a memory searched on the host; sampling stays outside, so the draws do not
+      depend on it).
     write_memory: bool scalar; for memory models, write the segments completed during
       generation to the memory, as the forward pass over the whole text would. Off, the
       tokens retrieve from the memory the prompt's whole segments built. Ignored by models
@@ -195,25 +201,19 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
     int32 [B, max_length], the generated tokens.
   Raises:
     GenerationNotSupportedError: for a model with a layer without the XL cache.
-    ValueError: for `jit_compile` with a memory searched on the host (ScaNN).
   """
   reason = unsupported_reason(model)
   if reason is not None:
     raise GenerationNotSupportedError(reason)
-  host_layers = model.decoder.host_search_layers
-  if jit_compile and host_layers:
-    raise ValueError(f"generate: {', '.join(host_layers)} search their memory on the host "
-                     "(memory_on_tpu_factory.backend = 'scann'), which XLA cannot compile; "
-                     "set jit_compile=False")
   batch_size = prompt.shape[0]
   length = model.task_config.sequence_length
   checks = check_generate_arguments(prompt, lengths, max_length, temperature, top_k,
                                     model.vocab_size)
   with tf.control_dependencies(checks):
     prompt = tf.identity(prompt)
-  forward = tf.function(
+  forward = steps.compile_step(
       lambda tokens, start, state: model.decoder(tokens, start, state, training=False)[1],
-      jit_compile=jit_compile)
+      jit_compile, calls_host=bool(model.decoder.host_search_layers))
   # Whole segments before the prompt's last token go through the forward pass.
   num_segments = (lengths - 1) // length  # [B]
 
@@ -237,7 +237,7 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
   def prompt_token(index):
     return tf.gather(prompt, tf.minimum(index, last_index), batch_dims=1)
 
-  steps = tf.reduce_max(remaining) + max_length - 1
+  num_steps = tf.reduce_max(remaining) + max_length - 1
 
   def decode(t, token, position, decode_state, generated):
     logits, decode_state = decoder.step(token, position, decode_state, write_memory)
@@ -255,6 +255,6 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
   invariants = (tf.TensorShape([]), tf.TensorShape([batch_size]), tf.TensorShape([batch_size]),
                 tf.nest.map_structure(lambda x: x.shape, decode_state),
                 tf.TensorShape([batch_size, None]))
-  *_, generated = tf.while_loop(lambda t, *_: t < steps, decode, loop_vars,
+  *_, generated = tf.while_loop(lambda t, *_: t < num_steps, decode, loop_vars,
                                 shape_invariants=invariants)
   return generated
