@@ -35,7 +35,9 @@ from meliad_tf.training import step_losses
 from meliad_tf.training import steps
 from meliad_tf.training import trainer as trainer_lib
 from meliad_tf.training import workdir_lock
+from meliad_tf.serving import generation
 from meliad_tools import export as export_tool
+from meliad_tools import generate as generate_tool
 
 
 FILES = ["base_htrans.gin", "size/tiny_test.gin"]
@@ -797,6 +799,36 @@ def test_disk_full_while_exporting(exported, saved_run, tmp_path):
         "it was")):
       export_tool.main(["meliad-export"])
   assert snapshot(str(tmp_path)) == before
+
+
+def test_generate_length_too_large(exported):
+  """Refused before any work: by the signature before it allocates or decodes anything, by
+  meliad-generate before it loads the model."""
+  before = snapshot(exported)
+  model = tf.saved_model.load(exported)
+  prompt, lengths = tf.constant([[70, 71]]), tf.constant([2])
+  sampling = (tf.constant(0.0), tf.constant(0), tf.constant([0, 0], tf.int64))
+  peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  with pytest.raises(tf.errors.InvalidArgumentError, match=(
+      r"generate: max_length must be <= 1048576 \(the most one call generates per stream\)")):
+    model.generate(prompt, lengths, tf.constant(1_000_000_000), *sampling)
+  # A billion tokens per stream would take 4 GB for the tokens alone.
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_kib < (256 << 10)
+  assert generation.MAX_LENGTH == 1048576
+  fresh = tf.saved_model.load(exported)
+  np.testing.assert_array_equal(
+      model.generate(prompt, lengths, tf.constant(5), *sampling)["tokens"],
+      fresh.generate(prompt, lengths, tf.constant(5), *sampling)["tokens"])
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(saved_model=exported, workdir="", load_dir="", prompt="abc",
+                           prompt_file=None, prompt_source=None, max_length=1_000_000_000,
+                           sampling="greedy", top_k=0, num_samples=1, batch_size=0):
+    with pytest.raises(app.UsageError, match=(
+        r"--max_length must be <= 1048576 \(the most one call generates per stream\), got "
+        "1000000000")):
+      generate_tool.main(["meliad-generate"])
+  assert snapshot(exported) == before
 
 
 # ---------------------------------------------------------------------------------------

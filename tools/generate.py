@@ -82,6 +82,10 @@ def _check_flags():
                          + (f" (got {', '.join('--' + p for p in prompts)})" if prompts else ""))
   if FLAGS.max_length <= 0:
     raise app.UsageError(f"--max_length must be >= 1, got {FLAGS.max_length}")
+  if FLAGS.max_length > generation.MAX_LENGTH:
+    raise app.UsageError(f"--max_length must be <= {generation.MAX_LENGTH} (the most one call "
+                         f"generates per stream), got {FLAGS.max_length}; continue a longer "
+                         "text with another call, the text so far its --prompt_file")
   if FLAGS.num_samples <= 0:
     raise app.UsageError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
   if FLAGS.top_k < 0:

@@ -32,6 +32,10 @@ from meliad_tf.training import steps
 GREEDY = "greedy"
 SAMPLE = "sample"
 SAMPLING_METHODS = (GREEDY, SAMPLE)
+# The most tokens one call generates per stream. The tokens come back together at the end of
+# the call, so a request has to fit in memory and finish in a sensible time (a million
+# tokens takes minutes to hours on a CPU); beyond this it is refused before any work.
+MAX_LENGTH = 1 << 20
 
 
 class GenerationNotSupportedError(NotImplementedError):
@@ -165,6 +169,11 @@ def check_generate_arguments(prompt, lengths, max_length, temperature, top_k, vo
       tf.debugging.assert_less(
           prompt, vocab_size, message=f"generate: prompt token ids must be in [0, {vocab_size})"),
       tf.debugging.assert_positive(max_length, message="generate: max_length must be >= 1"),
+      tf.debugging.assert_less_equal(
+          max_length, MAX_LENGTH,
+          message=f"generate: max_length must be <= {MAX_LENGTH} (the most one call "
+                  "generates per stream); continue a longer text with another call, the text "
+                  "so far its prompt"),
       tf.debugging.assert_non_negative(
           temperature, message="generate: temperature must be >= 0 (0 means greedy)"),
       tf.debugging.assert_non_negative(top_k, message="generate: top_k must be >= 0 (0: off)"),
@@ -186,7 +195,7 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
     model: a `model.DecoderOnlyLanguageModel` whose layers all have the XL cache.
     prompt: int32 [B, P]; stream b's prompt is prompt[b, :lengths[b]].
     lengths: int32 [B], each in [1, P].
-    max_length: int32 scalar >= 1, tokens to generate per stream.
+    max_length: int32 scalar in [1, MAX_LENGTH], tokens to generate per stream.
     temperature: float32 scalar; 0 is greedy decoding.
     top_k: int32 scalar; 0 samples from the whole vocabulary.
     seed: int [2]; the same seed gives the same tokens.
@@ -209,8 +218,9 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
   length = model.task_config.sequence_length
   checks = check_generate_arguments(prompt, lengths, max_length, temperature, top_k,
                                     model.vocab_size)
+  # Nothing is allocated or run for arguments the checks refuse.
   with tf.control_dependencies(checks):
-    prompt = tf.identity(prompt)
+    prompt, lengths, max_length = (tf.identity(x) for x in (prompt, lengths, max_length))
   forward = steps.compile_step(
       lambda tokens, start, state: model.decoder(tokens, start, state, training=False)[1],
       jit_compile, calls_host=bool(model.decoder.host_search_layers))
@@ -239,22 +249,19 @@ def generate(model, prompt, lengths, max_length, temperature, top_k, seed, jit_c
 
   num_steps = tf.reduce_max(remaining) + max_length - 1
 
-  def decode(t, token, position, decode_state, generated):
+  def decode(t, token, position, decode_state, sampled_tokens):
     logits, decode_state = decoder.step(token, position, decode_state, write_memory)
     sampled = sample_next(logits, temperature, top_k,
                           tf.random.experimental.stateless_fold_in(seed, t))
-    # Stream b's first generated token comes from its last prompt token.
-    index = t - remaining + 1  # [B]
-    write = tf.one_hot(index, max_length, on_value=True, off_value=False)  # [B, max_length]
-    generated = tf.where(write, sampled[:, None], generated)
+    sampled_tokens = sampled_tokens.write(t, sampled)
     next_token = tf.where(t + 1 < remaining, prompt_token(start + t + 1), sampled)
-    return t + 1, next_token, position + 1, decode_state, generated
+    return t + 1, next_token, position + 1, decode_state, sampled_tokens
 
-  generated = tf.zeros([batch_size, max_length], tf.int32)
-  loop_vars = (tf.constant(0), prompt_token(start), start, decode_state, generated)
-  invariants = (tf.TensorShape([]), tf.TensorShape([batch_size]), tf.TensorShape([batch_size]),
-                tf.nest.map_structure(lambda x: x.shape, decode_state),
-                tf.TensorShape([batch_size, None]))
-  *_, generated = tf.while_loop(lambda t, *_: t < num_steps, decode, loop_vars,
-                                shape_invariants=invariants)
-  return generated
+  # Every step's draws, [steps, B]: one row written per step, rather than a [B, max_length]
+  # tensor updated at every step.
+  sampled_tokens = tf.TensorArray(tf.int32, size=num_steps, element_shape=[batch_size])
+  loop_vars = (tf.constant(0), prompt_token(start), start, decode_state, sampled_tokens)
+  *_, sampled_tokens = tf.while_loop(lambda t, *_: t < num_steps, decode, loop_vars)
+  # Stream b's first generated token is the draw of the step that fed its last prompt token.
+  steps_of_tokens = remaining[:, None] - 1 + tf.range(max_length)[None]  # [B, max_length]
+  return tf.gather(tf.transpose(sampled_tokens.stack()), steps_of_tokens, batch_dims=1)
