@@ -97,7 +97,8 @@ def rerun_logits(model, text):
   """The segment re-run, the reference of one-token decoding: the logits [B, n, V] at every
   position t of `text` [B, n] are those of the ordinary forward pass over the segment
   holding t, on its tokens up to t (zeros after them), from the state the forward passes
-  over the whole previous segments left."""
+  over the whole previous segments left. Returns them and the state the forward passes over
+  the whole text leave."""
   forward = tf.function(lambda tokens, start, state: model.decoder(tokens, start, state))
   batch, length = text.shape
   state = model.initial_state(batch)
@@ -112,17 +113,35 @@ def rerun_logits(model, text):
     tokens = np.zeros([batch, SEGMENT], np.int32)
     tokens[:, :segment.shape[1]] = segment
     _, state = forward(tf.constant(tokens), start, state)
-  return np.stack(rows, axis=1)
+  return np.stack(rows, axis=1), state
+
+
+def assert_decode_state_is_the_forward_state(decode_state, state):
+  """After whole segments, one-token decoding holds what the forward passes left: each
+  layer's last W keys and values, recurrent state, and memory slot by slot."""
+  for key, layer_state in state.items():
+    decoded = decode_state["layers"][key]
+    window = layer_state["keys"].shape[1]
+    expected = dict(keys=layer_state["keys"], values=layer_state["values"])
+    actual = dict(keys=decoded["keys"][:, -window:], values=decoded["values"][:, -window:])
+    if "recurrent" in layer_state:
+      expected["recurrent"], actual["recurrent"] = layer_state["recurrent"], decoded["recurrent"]
+    if "memory" in layer_state:
+      expected["memory"], actual["memory"] = layer_state["memory"], decode_state["memories"][key]
+    tf.nest.map_structure(
+        lambda a, e: np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-4, atol=1e-5,
+                                                err_msg=key), actual, expected)
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_one_token_decoding_equals_the_segment_rerun(name):
   """Four segments: blocks end, chunks end, and the memory is written four times (wrapping
-  its ring buffer of two segments), all while decoding."""
+  its ring buffer of two segments), all while decoding; at the end the decoder holds the
+  forward passes' state."""
   model = random_model(*FAMILIES[name])
   batch, length = 2, 4 * SEGMENT
   text = tf.random.stateless_uniform([batch, length], [4, 5], 1, V, tf.int32).numpy()
-  expected = rerun_logits(model, text)
+  expected, state = rerun_logits(model, text)
   decoder = generation.IncrementalDecoder(model)
   decode_state = decoder.init_state(model.initial_state(batch), tf.fill([batch], True))
   step = tf.function(decoder.step)
@@ -130,6 +149,7 @@ def test_one_token_decoding_equals_the_segment_rerun(name):
     logits, decode_state = step(tf.constant(text[:, t]), tf.fill([batch], t), decode_state)
     np.testing.assert_allclose(logits.numpy(), expected[:, t], rtol=1e-4, atol=1e-5,
                                err_msg=f"position {t}")
+  assert_decode_state_is_the_forward_state(decode_state, state)
 
 
 def test_decode_buffer_is_seeded_from_the_xl_cache():
