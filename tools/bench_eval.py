@@ -36,6 +36,7 @@ from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.model import language_model as model_lib
 from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
@@ -49,8 +50,7 @@ FAMILIES = {
     "recurrent": (["recurrent/bias_skip.gin"], -3),
     "block_feedback": (["recurrent/bias_skip.gin", "recurrent/block_feedback_512.gin"], -3),
 }
-flags.DEFINE_list("configs", ["tiny_test", "small_test"], "Size configs under configs/size/.",
-                  allow_override=True)
+shared_flags.define("configs")
 flags.DEFINE_integer("eval_segments", 8, "Segments per stream scored in one timed run.")
 flags.DEFINE_list("families", ["xl", "memory_bucketed", "memory_exact", "recurrent"],
                   "Model families whose generation is timed (see FAMILIES).")
@@ -195,7 +195,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":
