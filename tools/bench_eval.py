@@ -17,13 +17,15 @@ difference between generating --generate_tokens and one token, over the tokens b
 writes the memory once, as generating a long text does per segment. Each family's figure
 is also given over Transformer-XL's.
 Each time is the best of --repeats timed runs after an untimed warm-up (tracing and
-compilation). Prints one JSON object.
+compilation); generation times every family and mode in turn, round by round, so that a
+slow spell of a shared machine falls on all of them. Prints one JSON object.
 """
 
 import json
 import os
 import sys
 import tempfile
+import time
 
 from absl import app
 from absl import flags
@@ -71,8 +73,8 @@ def _scoring_rate(module, segments, repeats):
   return int(tf.size(segments)) / benchmark.best_seconds(score_all, repeats)
 
 
-def _generate_seconds(module, prompt, num_tokens, repeats):
-  """Best time of generating `num_tokens` per stream after `prompt` [B, P]."""
+def _generator(module, prompt, num_tokens):
+  """A call generating `num_tokens` per stream after `prompt` [B, P]."""
   batch_size, length = prompt.shape
 
   def generate():
@@ -80,15 +82,28 @@ def _generate_seconds(module, prompt, num_tokens, repeats):
                     tf.constant(1.0), tf.constant(0), tf.constant([0, 0], tf.int64),
                     tf.constant(True))["tokens"].numpy()
 
-  return benchmark.best_seconds(generate, repeats)
+  return generate
 
 
-def _generation_rate(module, prompt, num_tokens, repeats):
-  """Generated tokens per second (all streams) of the decode step: the time of `num_tokens`
-  tokens per stream less that of one, over the tokens between."""
-  longer = _generate_seconds(module, prompt, num_tokens, repeats)
-  one = _generate_seconds(module, prompt, 1, repeats)
-  return prompt.shape[0] * (num_tokens - 1) / max(longer - one, 1e-9)
+def _generation_rates(modules, prompt, num_tokens, repeats):
+  """Generated tokens per second (all streams) of each module's decode step: the time of
+  `num_tokens` tokens per stream less that of one, over the tokens between, each the best
+  of `repeats` rounds. A round times every module in turn, so that a slow spell of the
+  machine falls on all of them rather than on one."""
+  calls = {key: (_generator(module, prompt, num_tokens), _generator(module, prompt, 1))
+           for key, module in modules.items()}
+  best = {key: [float("inf"), float("inf")] for key in calls}
+  for key, pair in calls.items():
+    for call in pair:
+      call()  # tracing and compilation
+  for _ in range(repeats):
+    for key, pair in calls.items():
+      for i, call in enumerate(pair):
+        start = time.perf_counter()
+        call()
+        best[key][i] = min(best[key][i], time.perf_counter() - start)
+  return {key: prompt.shape[0] * (num_tokens - 1) / max(longer - one, 1e-9)
+          for key, (longer, one) in best.items()}
 
 
 def family_config(size, family):
@@ -146,15 +161,15 @@ def measure(size, directory):
   num_tokens = FLAGS.generate_tokens or length
   generation = {"prompt_tokens": 1, "generated_tokens_per_stream": num_tokens}
   modes = {"in_process": False, **({"in_process_xla": True} if FLAGS.xla else {})}
+  modules = {}
   for family in FLAGS.families:
     family_model, _ = _model(size, family)
-    rates = {}
     for mode, jit_compile in modes.items():
-      module = export.ScoringModule(family_model, batch_size, vocabulary,
-                                    jit_compile=jit_compile)
-      rates[f"{mode}_tokens_per_second"] = _generation_rate(module, prompt, num_tokens,
-                                                            FLAGS.repeats)
-    generation[family] = rates
+      modules[family, mode] = export.ScoringModule(family_model, batch_size, vocabulary,
+                                                   jit_compile=jit_compile)
+  rates = _generation_rates(modules, prompt, num_tokens, FLAGS.repeats)
+  for family in FLAGS.families:
+    generation[family] = {f"{mode}_tokens_per_second": rates[family, mode] for mode in modes}
   if "xl" in generation:
     for family in FLAGS.families:
       for mode in modes:
