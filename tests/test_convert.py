@@ -100,7 +100,6 @@ MELIAD_CONFIG = """\
 import training_loop
 from transformer import decoder_stack
 
-
 # Macros:
 NUM_HEADS = 4
 DTYPE = 'float32'

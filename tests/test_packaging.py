@@ -2,9 +2,11 @@
 licence, and the Makefile's choice of interpreter."""
 
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +19,40 @@ CLAIMED_PYTHONS = ("3.11", "3.12")
 def _read(name):
   with open(os.path.join(ROOT, name), encoding="utf-8") as f:
     return f.read()
+
+
+def test_every_program_answers_version():
+  programs = dict(re.findall(r'"(meliad-[a-z]+)=(meliad_tools\.[a-z_]+):run"', _read("setup.py")))
+  assert len(programs) >= 9
+  # One process imports TensorFlow; each program runs in a fork of it, as from its script.
+  script = f"""
+import contextlib, importlib, io, json, os, sys
+import tensorflow
+answers = {{}}
+for program, module in {json.dumps(programs)}.items():
+  read, write = os.pipe()
+  if os.fork() == 0:
+    os.close(read)
+    sys.argv = [program, "--version"]
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+      try:
+        importlib.import_module(module).run()
+      except SystemExit:
+        pass
+    os.write(write, output.getvalue().encode())
+    os._exit(0)
+  os.close(write)
+  with os.fdopen(read) as pipe:
+    answers[program] = pipe.read()
+  os.wait()
+print(json.dumps(answers))
+"""
+  environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env=environment, cwd=ROOT).stdout
+  answers = json.loads(output.strip().splitlines()[-1])
+  assert answers == {program: f"meliad-tf {meliad_tf.__version__}\n" for program in programs}
 
 
 def test_the_version_is_written_once_and_is_what_the_package_reports():

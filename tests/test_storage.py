@@ -165,7 +165,7 @@ def test_a_whole_cycle_on_the_in_memory_filesystem(tmp_path, monkeypatch, clean_
   task = f"files_tokens:{root}/data/*.txt"
 
   with flagsaver.flagsaver(source=f"files:{root}/data/*.txt", split="train",
-                           output=f"{root}/vocab/stdlib", vocab_size=500, max_documents=None,
+                           output=f"{root}/vocab/stdlib", vocab_size=500,
                            gin_param=[], default_data_dir=None):
     vocab_tool.main(["meliad-vocab"])
   model_path = f"{root}/vocab/stdlib.model"

@@ -2,6 +2,7 @@
 
   meliad-bench data|train|memory|recurrent|eval [flags of that benchmark]
   meliad-bench profile [flags]  where one step's time goes (see bench_profile.py)
+  meliad-bench --version
   meliad-bench all        every benchmark but profile, one after another, as one JSON
                           object on stdout and a summary table on stderr
 
@@ -88,6 +89,10 @@ def summary_table(results):
 
 
 def run():
+  if sys.argv[1:] == ["--version"]:
+    import meliad_tf  # pylint: disable=g-import-not-at-top
+    print(f"meliad-tf {meliad_tf.__version__}")
+    return 0
   names = _available()
   if len(sys.argv) < 2 or sys.argv[1] not in names + ["all"]:
     sys.stderr.write(f"usage: meliad-bench {{{'|'.join(names + ['all'])}}} [flags]\n")

@@ -33,13 +33,14 @@ import time
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import app
 from absl import flags
 
 import pipelines
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define()
 
 flags.DEFINE_string("corpus_dir", os.path.join(os.path.expanduser("~"), ".cache", "meliad-tf", "bench"),
                     "Where the benchmark corpus (a TFDS data directory) and model are built and kept.")
@@ -299,7 +300,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

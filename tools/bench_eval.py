@@ -30,11 +30,11 @@ from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.model import language_model as model_lib
 from meliad_tf.serving import export
 from meliad_tf.training import gin_setup
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["tiny_test", "small_test"], "Size configs under configs/size/.",
-                  allow_override=True)
+shared_flags.define("configs")
 flags.DEFINE_integer("eval_segments", 8, "Segments per stream scored in one timed run.")
 flags.DEFINE_integer("generate_tokens", 64, "Tokens generated per stream in one timed run.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per figure (the best is reported).")
@@ -129,7 +129,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import sys
 import time
 
-from absl import app
 from absl import flags
 import numpy as np
 import tensorflow as tf
@@ -31,9 +30,11 @@ import tensorflow as tf
 from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.layers import host_search
 from meliad_tf.layers import memory as memory_lib
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define()
 flags.DEFINE_string("config", "small_test", "Size config under configs/size/.")
 flags.DEFINE_list("sizes", ["8", "32", "64", "128"], "Memory sizes in thousands of entries.")
 flags.DEFINE_list("backends", list(memory_lib.BACKENDS), "Backends to time.")
@@ -163,7 +164,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

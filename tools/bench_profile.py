@@ -26,9 +26,11 @@ from absl import flags
 from meliad_tf.benchmarks import profiling
 from meliad_tf.benchmarks import timing as benchmark
 from meliad_tf.training import trainer as trainer_lib
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define()
 flags.DEFINE_multi_string("gin_file", None, "Gin files, in order (default: base_htrans.gin "
                           "and size/small_test.gin).")
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings after the files.")
@@ -127,7 +129,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

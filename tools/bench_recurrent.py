@@ -15,13 +15,14 @@ reports a recurrent layer costing about as much as an ordinary one.
 import json
 import sys
 
-from absl import app
 from absl import flags
 
 from meliad_tf.benchmarks import timing as benchmark
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define()
 flags.DEFINE_integer("rounds", 8, "Timed rounds; each times one step of every model.")
 flags.DEFINE_list("windows", ["256", "512"], "Window lengths W (the segment is 512 tokens).")
 flags.DEFINE_enum("jit", "xla", ["xla", "graph"],
@@ -62,7 +63,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,15 @@ from absl import flags
 import tensorflow as tf
 
 from meliad_tf.benchmarks import timing as benchmark
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("configs", ["tiny_test", "small_test"], "Size configs under configs/size/.",
-                  allow_override=True)
+shared_flags.define("configs", "gin_param")
 flags.DEFINE_integer("rounds", 5, "Timed rounds; each times one step of every model.")
 flags.DEFINE_enum("jit", "xla", ["xla", "graph", "both"],
                   "Compile the steps with XLA, as plain graphs, or time both.")
 flags.DEFINE_bool("reference", True, "Also time the unoptimised paths (REFERENCE_PARAMS).")
-flags.DEFINE_multi_string("gin_param", [], "Extra gin bindings for every model.",
-                          allow_override=True)
 flags.DEFINE_multi_string("variant", [], "More variants to time alongside, as "
                           "NAME:BINDING[;BINDING...], e.g. 'no_fusion:TransformerBase."
                           "fuse_projections = False'.")
@@ -96,7 +94,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,13 @@ import sys
 from absl import app
 from absl import flags
 
+from meliad_tools import shared_flags
+
 
 FLAGS = flags.FLAGS
+shared_flags.define("output", "default_data_dir", "gin_param")
 # Flags allow overriding, as the other tools' do: one process (a test session) imports several.
-flags.DEFINE_string("meliad_workdir", "", "Meliad's workdir: config.gin and checkpoint_<step>.",
-                    allow_override=True)
-flags.DEFINE_string("output", "", "The workdir to write (must hold no checkpoint).",
-                    allow_override=True)
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the translated "
-                          "configuration (e.g. another dataset_name).", allow_override=True)
-flags.DEFINE_string("default_data_dir", None, "TensorFlow Datasets directory (PG19).",
-                    allow_override=True)
+flags.DEFINE_string("meliad_workdir", "", "Meliad's workdir: config.gin and checkpoint_<step>.")
 
 
 def main(argv):
@@ -57,7 +53,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

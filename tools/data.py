@@ -28,27 +28,20 @@ import tensorflow as tf
 import pipelines
 from meliad_tf.common import storage
 from meliad_tf.training import gin_setup
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define("source", "split", "batch_size", "seed", "default_data_dir", "gin_param")
 
-flags.DEFINE_string("source", "python_stdlib", "Task name or source short name (see the module docs).",
-                    allow_override=True)
 flags.DEFINE_string("vocab", None, "bytes | raw_bytes | path to a SentencePiece .model.")
-flags.DEFINE_string("split", "train", "Split to read.", allow_override=True)
-flags.DEFINE_integer("batch_size", 4, "B, streams per batch.")
 flags.DEFINE_integer("sequence_length", 512, "L, tokens per segment.")
 flags.DEFINE_integer("num_batches", 3, "Batches to read (fewer if an evaluation pass ends first).")
 flags.DEFINE_integer("print_batches", 3, "Batches to print decoded.")
 flags.DEFINE_integer("max_chars", 100, "Characters of decoded text printed per slot.")
 flags.DEFINE_string("dump", None, "Write every batch to this file as JSON lines.")
-flags.DEFINE_integer("seed", 42, "Seed of the training document order.")
 flags.DEFINE_bool("eval", False, "Evaluation mode: one ordered pass, then the dataset ends.")
-flags.DEFINE_string("default_data_dir", None, "TFDS data directory (e.g. where pg19 is prepared).",
-                    allow_override=True)
 flags.DEFINE_multi_string("gin_file", [], "Gin files configuring sources and vocabularies.")
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. pipelines.synthetic.num_facts=8.",
-                          allow_override=True)
 
 _PROGRESS_SECONDS = 5.0
 
@@ -57,7 +50,7 @@ def _task() -> pipelines.Task:
   """The task the flags name; any bad flag is reported here, before reading data."""
   if FLAGS.sequence_length <= 0:
     raise app.UsageError(f"--sequence_length must be positive, got {FLAGS.sequence_length}.")
-  if FLAGS.batch_size <= 0:
+  if FLAGS.batch_size is not None and FLAGS.batch_size <= 0:
     raise app.UsageError(f"--batch_size must be positive, got {FLAGS.batch_size}.")
   if FLAGS.num_batches < 0:
     raise app.UsageError(f"--num_batches must not be negative, got {FLAGS.num_batches}.")
@@ -66,16 +59,17 @@ def _task() -> pipelines.Task:
       storage.check_writable(FLAGS.dump)
     except ValueError as e:
       raise app.UsageError(f"--dump={FLAGS.dump}: {e}") from e
+  source = shared_flags.value("source", "python_stdlib")
   try:
     gin_setup.parse(FLAGS.gin_file, FLAGS.gin_param)
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
     vocab = pipelines.make_vocabulary(FLAGS.vocab) if FLAGS.vocab else None
-    if pipelines.is_source_name(FLAGS.source):
-      return pipelines.Task(FLAGS.source, pipelines.make_source(FLAGS.source),
+    if pipelines.is_source_name(source):
+      return pipelines.Task(source, pipelines.make_source(source),
                             vocab or pipelines.ByteVocabulary())
-    return pipelines.get_task(FLAGS.source, vocabulary=vocab)
+    return pipelines.get_task(source, vocabulary=vocab)
   except (ValueError, OSError) as e:
-    raise app.UsageError(f"--source={FLAGS.source} --vocab={FLAGS.vocab}: {e}") from e
+    raise app.UsageError(f"--source={source} --vocab={FLAGS.vocab}: {e}") from e
 
 
 def batch_to_json(step: int, batch) -> dict:
@@ -104,13 +98,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   task = _task()
+  split = shared_flags.value("split", "train")
   try:
     dataset = pipelines.load_text_dataset(
-        task, split=FLAGS.split, sequence_length=FLAGS.sequence_length, batch_size=FLAGS.batch_size,
-        training=not FLAGS.eval, seed=FLAGS.seed, document_names=True)
+        task, split=split, sequence_length=FLAGS.sequence_length,
+        batch_size=shared_flags.value("batch_size", 4), training=not FLAGS.eval,
+        seed=shared_flags.value("seed", 42), document_names=True)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  print(f"task {task.name}: source {task.source.name}, vocabulary {task.vocabulary!r}, split {FLAGS.split}")
+  print(f"task {task.name}: source {task.source.name}, vocabulary {task.vocabulary!r}, split {split}")
 
   start = last_report = time.time()
   tokens = 0
@@ -132,7 +128,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

@@ -28,40 +28,18 @@ import pipelines
 from meliad_tf.common import storage
 from meliad_tf.serving import evaluation
 from meliad_tf.serving import export
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
-# Flags allow overriding: the tools share flag names (with the same meanings), and one process
-# (a test session) may import several of them.
-flags.DEFINE_string("saved_model", "", "A SavedModel written by meliad-export.",
-                    allow_override=True)
-flags.DEFINE_string("workdir", "", "A training run, evaluated in process (latest checkpoint).",
-                    allow_override=True)
-flags.DEFINE_string("load_dir", "", "A training run to use if --workdir has no checkpoint.",
-                    allow_override=True)
-flags.DEFINE_string("source", "", "Task or source to evaluate on (default: the model's task).",
-                    allow_override=True)
-flags.DEFINE_string("split", "test", "Split to evaluate.", allow_override=True)
-flags.DEFINE_integer("max_documents", 0, "Evaluate the first N documents of the split (0: all).",
-                     allow_override=True)
-flags.DEFINE_integer("batch_size", 0, "Streams scored together with --workdir (0: the run's); "
-                     "a SavedModel has its own.", allow_override=True)
+shared_flags.define("saved_model", "workdir", "load_dir", "source", "split", "max_documents",
+                    "batch_size", "output", "jit_compile", "default_data_dir", "gin_param")
 flags.DEFINE_integer("bucket_tokens", 0, "Width in tokens of the loss-by-position buckets "
-                     "(0: the segment length).", allow_override=True)
-flags.DEFINE_string("output", "", "Write the results as JSON here.", allow_override=True)
+                     "(0: the segment length).")
 flags.DEFINE_string("plot", "", "Write the loss-by-position PNG here (default: --output with "
-                    "the extension .png).", allow_override=True)
-flags.DEFINE_integer("print_documents", 20, "Print at most this many per-document lines.",
-                     allow_override=True)
-flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.", allow_override=True)
-flags.DEFINE_bool("jit_compile", None, "With --workdir, compile the scoring and decode steps with "
-                  "XLA (default: with a GPU yes, on CPU no; see meliad-bench eval).",
-                  allow_override=True)
-flags.DEFINE_string("default_data_dir", None, "TFDS data directory (e.g. where pg19 is "
-                    "prepared).", allow_override=True)
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the model's "
-                          "config.gin (e.g. pipelines.synthetic.num_eval_documents = 4).",
-                          allow_override=True)
+                    "the extension .png).")
+flags.DEFINE_integer("print_documents", 20, "Print at most this many per-document lines.")
+flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
 def _plot_path():
@@ -90,7 +68,7 @@ def open_model_and_task():
   """The model from the flags, and the task to evaluate tokenized with its vocabulary."""
   try:
     handle = export.open_model(saved_model=FLAGS.saved_model, workdir=FLAGS.workdir,
-                               load_dir=FLAGS.load_dir, batch_size=FLAGS.batch_size,
+                               load_dir=FLAGS.load_dir, batch_size=shared_flags.value("batch_size", 0),
                                jit_compile=export.resolve_jit_compile(FLAGS.jit_compile),
                                gin_params=FLAGS.gin_param)
     handle.parse_config(FLAGS.gin_param)
@@ -131,7 +109,7 @@ def main(argv):
   handle, task = open_model_and_task()
   try:
     results = evaluation.evaluate(
-        handle.module, task, FLAGS.split, batch_size=handle.batch_size,
+        handle.module, task, shared_flags.value("split", "test"), batch_size=handle.batch_size,
         sequence_length=handle.sequence_length, max_documents=FLAGS.max_documents,
         bucket_tokens=FLAGS.bucket_tokens or None, progress=FLAGS.progress)
   except ValueError as e:
@@ -152,7 +130,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

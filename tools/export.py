@@ -16,25 +16,12 @@ from absl import flags
 import tensorflow as tf
 
 from meliad_tf.serving import export
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
-# Flags allow overriding: the tools share flag names (with the same meanings), and one process
-# (a test session) may import several of them.
-flags.DEFINE_string("workdir", "", "The training run to export (its latest checkpoint).",
-                    allow_override=True)
-flags.DEFINE_string("load_dir", "", "A training run to export if --workdir has no checkpoint.",
-                    allow_override=True)
-flags.DEFINE_string("output", "", "The SavedModel directory to write.", allow_override=True)
-flags.DEFINE_integer("batch_size", 0, "Streams the SavedModel scores at once (B of score "
-                     "and generate); 0: the run's TransformerTaskConfig.batch_size.",
-                     allow_override=True)
-flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", allow_override=True)
-flags.DEFINE_bool("jit_compile", None, "Compile the scoring and decode steps with "
-                  "XLA (default: with a GPU yes, on CPU no; see meliad-bench eval).",
-                  allow_override=True)
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the run's config.gin "
-                          "(e.g. the SentencePiece model path if it moved).", allow_override=True)
+shared_flags.define("workdir", "load_dir", "output", "batch_size", "jit_compile", "gin_param")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
 def main(argv):
@@ -46,7 +33,7 @@ def main(argv):
     raise app.UsageError("--workdir (or --load_dir) is required: the training run to export")
   try:
     handle = export.open_model(workdir=FLAGS.workdir, load_dir=FLAGS.load_dir,
-                               batch_size=FLAGS.batch_size,
+                               batch_size=shared_flags.value("batch_size", 0),
                                jit_compile=export.resolve_jit_compile(FLAGS.jit_compile),
                                gin_params=FLAGS.gin_param)
     meta = export.export(handle.module, FLAGS.output, vocabulary=handle.vocabulary,
@@ -65,7 +52,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

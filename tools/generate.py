@@ -28,49 +28,30 @@ from meliad_tf.common import storage
 from meliad_tf.serving import evaluation
 from meliad_tf.serving import export
 from meliad_tf.serving import generation
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
-# Flags allow overriding: the tools share flag names (with the same meanings), and one process
-# (a test session) may import several of them.
-flags.DEFINE_string("saved_model", "", "A SavedModel written by meliad-export.",
-                    allow_override=True)
-flags.DEFINE_string("workdir", "", "A training run, run in process (latest checkpoint).",
-                    allow_override=True)
-flags.DEFINE_string("load_dir", "", "A training run to use if --workdir has no checkpoint.",
-                    allow_override=True)
-flags.DEFINE_string("prompt", None, "The prompt text.", allow_override=True)
-flags.DEFINE_string("prompt_file", None, "A file holding the prompt text.", allow_override=True)
+shared_flags.define("saved_model", "workdir", "load_dir", "batch_size", "seed", "jit_compile",
+                    "default_data_dir", "gin_param")
+flags.DEFINE_string("prompt", None, "The prompt text.")
+flags.DEFINE_string("prompt_file", None, "A file holding the prompt text.")
 flags.DEFINE_string("prompt_source", None, "Take the prompt from a document of this task or "
-                    "source (see meliad-eval --source).", allow_override=True)
-flags.DEFINE_string("prompt_split", "test", "Split of --prompt_source.", allow_override=True)
-flags.DEFINE_integer("prompt_document", 0, "Index of the document of --prompt_source.",
-                     allow_override=True)
-flags.DEFINE_integer("prompt_tokens", 512, "Tokens of the --prompt_source document to use.",
-                     allow_override=True)
-flags.DEFINE_integer("max_length", 200, "Tokens to generate.", allow_override=True)
+                    "source (see meliad-eval --source).")
+flags.DEFINE_string("prompt_split", "test", "Split of --prompt_source.")
+flags.DEFINE_integer("prompt_document", 0, "Index of the document of --prompt_source.")
+flags.DEFINE_integer("prompt_tokens", 512, "Tokens of the --prompt_source document to use.")
+flags.DEFINE_integer("max_length", 200, "Tokens to generate.")
 flags.DEFINE_enum("sampling", generation.GREEDY, generation.SAMPLING_METHODS,
-                  "greedy: the most likely token; sample: draw from the distribution.",
-                  allow_override=True)
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0) with --sampling=sample.",
-                   allow_override=True)
+                  "greedy: the most likely token; sample: draw from the distribution.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (> 0) with --sampling=sample.")
 flags.DEFINE_integer("top_k", 0, "With --sampling=sample, draw only among the k most likely "
-                     "tokens (0: all).", allow_override=True)
-flags.DEFINE_integer("seed", 0, "Seed of the sampling.", allow_override=True)
+                     "tokens (0: all).")
 flags.DEFINE_bool("write_memory", False, "For a model with a memory: also write the segments "
                   "completed while generating to it (otherwise the continuation retrieves from "
-                  "the prompt's segments only).", allow_override=True)
+                  "the prompt's segments only).")
 flags.DEFINE_integer("num_samples", 1, "Continuations to generate (each stream of the model "
-                     "continues the same prompt).", allow_override=True)
-flags.DEFINE_integer("batch_size", 0, "Streams with --workdir (0: --num_samples); a "
-                     "SavedModel has its own.", allow_override=True)
-flags.DEFINE_bool("jit_compile", None, "With --workdir, compile the scoring and decode steps with "
-                  "XLA (default: with a GPU yes, on CPU no; see meliad-bench eval).",
-                  allow_override=True)
-flags.DEFINE_string("default_data_dir", None, "TFDS data directory for --prompt_source.",
-                    allow_override=True)
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the run's config.gin.",
-                          allow_override=True)
+                     "continues the same prompt).")
 
 
 def _check_flags():
@@ -142,7 +123,7 @@ def continuations(handle, prompt, num_samples):
   generated = handle.module.generate(
       tf.constant(tokens), tf.fill([batch_size], len(prompt)), tf.constant(FLAGS.max_length),
       tf.constant(temperature, tf.float32), tf.constant(FLAGS.top_k),
-      tf.constant([FLAGS.seed, 0], tf.int64), **options)["tokens"].numpy()
+      tf.constant([shared_flags.value("seed", 0), 0], tf.int64), **options)["tokens"].numpy()
   return generated[:num_samples]
 
 
@@ -153,7 +134,7 @@ def main(argv):
   try:
     handle = export.open_model(
         saved_model=FLAGS.saved_model, workdir=FLAGS.workdir, load_dir=FLAGS.load_dir,
-        batch_size=0 if FLAGS.saved_model else FLAGS.batch_size or FLAGS.num_samples,
+        batch_size=0 if FLAGS.saved_model else shared_flags.value("batch_size", 0) or FLAGS.num_samples,
         jit_compile=export.resolve_jit_compile(FLAGS.jit_compile),
         gin_params=FLAGS.gin_param)
     prompt = _prompt_tokens(handle)
@@ -168,7 +149,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

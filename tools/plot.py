@@ -10,14 +10,14 @@ from absl import app
 from absl import flags
 
 from meliad_tf.training import plots
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define("output")
 flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR (repeatable); a bare WORKDIR, also "
                           "gs://BUCKET/RUN, is its own label.")
 flags.DEFINE_list("tags", ["train/bits_per_token", "test/bits_per_token"], "Scalar tags to plot.")
-flags.DEFINE_string("output", "curves.png", "PNG file to write (any filesystem).",
-                    allow_override=True)
 flags.DEFINE_string("title", None, "Figure title.")
 
 
@@ -28,14 +28,14 @@ def main(argv):
     raise app.UsageError("give at least one --run=LABEL:WORKDIR")
   runs = dict(plots.parse_run(spec) for spec in FLAGS.run)
   try:
-    plots.plot_curves(runs, FLAGS.tags, FLAGS.output, FLAGS.title)
+    plots.plot_curves(runs, FLAGS.tags, shared_flags.value("output", "curves.png"), FLAGS.title)
   except OSError as e:
     raise app.UsageError(str(e)) from e
-  print(FLAGS.output)
+  print(shared_flags.value("output", "curves.png"))
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,15 @@ import pipelines
 from meliad_tf.training import distribution
 from meliad_tf.training import gin_setup
 from meliad_tf.training import trainer as trainer_lib
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define("workdir", "load_dir", "default_data_dir", "gin_param")
 flags.DEFINE_multi_string("gin_file", ["base_htrans.gin"],
                           "Gin files, in order; base_htrans.gin must come first.")
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the files.")
 flags.DEFINE_list("gin_search_paths", [], "Extra directories searched for gin files and "
                   "includes (the shipped configs are always searched).")
-flags.DEFINE_string("workdir", "", "Checkpoints, TensorBoard summaries and config.gin.")
-flags.DEFINE_string("load_dir", "", "A workdir to start from if --workdir has no checkpoint.")
-flags.DEFINE_string("default_data_dir", None, "TensorFlow Datasets data directory.")
 flags.DEFINE_bool("force", False, "Take the workdir over from the run whose lock holds it "
                   "(after a crash on another host; see meliad_tf/training/workdir_lock.py).")
 flags.DEFINE_string("tpu", "", "TPU name or address ('local' on a TPU VM); implies "
@@ -75,7 +73,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

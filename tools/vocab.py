@@ -25,19 +25,14 @@ from absl import logging
 import pipelines
 from meliad_tf.common import storage
 from meliad_tf.training import gin_setup
+from meliad_tools import shared_flags
 
 
 FLAGS = flags.FLAGS
+shared_flags.define("source", "split", "output", "max_documents", "default_data_dir", "gin_param")
 
-flags.DEFINE_string("source", "python_stdlib", "Task name or source short name (see the module docs).",
-                    allow_override=True)
-flags.DEFINE_string("split", "train", "Split whose documents are read.", allow_override=True)
 flags.DEFINE_integer("vocab_size", 8000, "Pieces in the model, including pad, eos, unk and byte pieces.")
 flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model type.")
-flags.DEFINE_string("output", None, "Output prefix: writes PREFIX.model and PREFIX.vocab.",
-                    allow_override=True)
-flags.DEFINE_integer("max_documents", None, "Read at most this many documents.",
-                     allow_override=True)
 flags.DEFINE_integer("max_sentence_length", 4096, "Bytes per training sentence.")
 flags.DEFINE_integer("input_sentence_size", 2_000_000,
                      "Sentences SentencePiece samples for training (0: all).")
@@ -45,8 +40,6 @@ flags.DEFINE_float("character_coverage", 0.9995, "Share of characters covered by
 flags.DEFINE_string("normalization_rule_name", "identity",
                     "SentencePiece normalization (identity keeps text as is; nmt_nfkc as T5).")
 flags.DEFINE_bool("byte_fallback", True, "Spell characters outside the vocabulary as UTF-8 byte pieces.")
-flags.DEFINE_string("default_data_dir", None, "TFDS data directory.", allow_override=True)
-flags.DEFINE_multi_string("gin_param", [], "Gin bindings configuring the source.", allow_override=True)
 
 
 def _sentences(documents, max_documents, max_length):
@@ -137,21 +130,23 @@ def main(argv):
     raise app.UsageError(f"--vocab_size must be positive, got {FLAGS.vocab_size}.")
   if FLAGS.max_sentence_length < 4:  # room for any UTF-8 character
     raise app.UsageError(f"--max_sentence_length must be at least 4, got {FLAGS.max_sentence_length}.")
-  if FLAGS.max_documents is not None and FLAGS.max_documents <= 0:
-    raise app.UsageError(f"--max_documents must be positive, got {FLAGS.max_documents}.")
+  if FLAGS.max_documents < 0:
+    raise app.UsageError(f"--max_documents must be >= 0 (0: all), got {FLAGS.max_documents}.")
+  source_name = shared_flags.value("source", "python_stdlib")
+  split = shared_flags.value("split", "train")
   try:
     gin_setup.parse([], FLAGS.gin_param)
     pipelines.set_default_data_directory(FLAGS.default_data_dir)
-    if pipelines.is_source_name(FLAGS.source):
-      source = pipelines.make_source(FLAGS.source)
+    if pipelines.is_source_name(source_name):
+      source = pipelines.make_source(source_name)
     else:
-      source = pipelines.get_task(FLAGS.source, vocabulary=pipelines.ByteVocabulary()).source
-    source.documents(FLAGS.split)  # checks the split before training starts
+      source = pipelines.get_task(source_name, vocabulary=pipelines.ByteVocabulary()).source
+    source.documents(split)  # checks the split before training starts
   except (ValueError, OSError) as e:
-    raise app.UsageError(f"--source={FLAGS.source} --split={FLAGS.split}: {e}") from e
+    raise app.UsageError(f"--source={source_name} --split={split}: {e}") from e
   try:
-    path = train(source, FLAGS.split, FLAGS.output, FLAGS.vocab_size, FLAGS.model_type,
-                 max_documents=FLAGS.max_documents, max_sentence_length=FLAGS.max_sentence_length,
+    path = train(source, split, FLAGS.output, FLAGS.vocab_size, FLAGS.model_type,
+                 max_documents=FLAGS.max_documents or None, max_sentence_length=FLAGS.max_sentence_length,
                  input_sentence_size=FLAGS.input_sentence_size,
                  character_coverage=FLAGS.character_coverage,
                  normalization_rule_name=FLAGS.normalization_rule_name,
@@ -163,7 +158,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ TASK_GIN_DIR = pathlib.Path(meliad_configs.__file__).parent / "tasks"
 def parsed_flags():
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  # meliad-eval, -export and -generate, imported by other test modules, redefine some of
-  # these flags with their own defaults; each program has its own process in real use.
-  with flagsaver.flagsaver(source="python_stdlib", split="train", batch_size=4, seed=42,
-                           output=None, max_documents=None):
+  with flagsaver.flagsaver():
     yield
 
 
