@@ -44,16 +44,14 @@ import tensorflow as tf
 from meliad_tf.common import storage
 from meliad_tf.training import plots
 from meliad_tf.training import summaries
+from meliad_tools import shared_flags
 
 FLAGS = flags.FLAGS
+shared_flags.define("gin_param", "output")
 flags.DEFINE_string("root", "", "Folder of the runs (one workdir per variant and seed).")
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Trainer.random_seed of each run.")
 flags.DEFINE_list("variants", [], "Variants to run (default: all).")
 flags.DEFINE_integer("num_steps", 400, "Training steps of every run.")
-flags.DEFINE_multi_string("gin_param", [], "Bindings added to every run after the "
-                          "comparison's own (e.g. a smaller model for a quick try).",
-                          allow_override=True)
-flags.DEFINE_string("output", "", "Write the figure here (PNG).", allow_override=True)
 
 _STEPS_BETWEEN_TESTS = 100
 _TEST_DOCUMENTS = 16
@@ -213,6 +211,7 @@ def run_one(variant, seed, progress):
         *[f"--gin_param={p}" for p in COMMON_PARAMS + params + [
             f"training_loop.Trainer.num_steps = {FLAGS.num_steps}",
             f"training_loop.Trainer.checkpoint_every_steps = {FLAGS.num_steps}",
+            # --gin_param last: a smaller model for a quick try, say.
             f"training_loop.Trainer.random_seed = {seed}"] + FLAGS.gin_param],
         f"--workdir={workdir}", "--alsologtostderr", on_step=progress.step)
   train_seconds = time.perf_counter() - start
@@ -348,24 +347,25 @@ def main(argv):
   unknown = sorted(set(FLAGS.variants) - set(VARIANTS))
   if unknown:
     raise app.UsageError(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
-  if FLAGS.output:
+  output = shared_flags.value("output", "")
+  if output:
     try:
-      storage.check_writable(FLAGS.output)
+      storage.check_writable(output)
     except ValueError as e:
-      raise app.UsageError(f"--output={FLAGS.output}: {e}") from None
+      raise app.UsageError(f"--output={output}: {e}") from None
   variants = FLAGS.variants or list(VARIANTS)
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   progress = Progress(len(seeds) * len(variants))
   # Seed by seed, so that a comparison stopped early has every variant at the same seeds.
   records = [run_one(variant, seed, progress) for seed in seeds for variant in variants]
-  if FLAGS.output:
-    plot(records, FLAGS.output)
+  if output:
+    plot(records, output)
   print(json.dumps({"benchmark": "recall_comparison", "num_steps": FLAGS.num_steps,
                     "runs": records, "summary": summarize(records)}, indent=1))
 
 
 def run():
-  app.run(main)
+  shared_flags.run(main)
 
 
 if __name__ == "__main__":
