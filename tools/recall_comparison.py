@@ -288,9 +288,11 @@ def plot(records, path):
     scalars = [plots.read_scalars(os.path.join(FLAGS.root, variant, f"seed_{r['seed']}"))
                for r in runs]
     _band(curves, [dict(s["test/answer_bits_per_token"]) for s in scalars], color, variant)
-    for suffix in _GATES.values():
-      rms = [_bias_rms(s, suffix) for s in scalars]
-      if all(rms):
+    for label, suffix in _GATES.items():
+      if all(label in r["gates"] for r in runs):
+        # The summaries' steps, then the last checkpoint's, which they do not include.
+        rms = [{**(_bias_rms(s, suffix) or {}), r["steps"]: r["gates"][label]["bias_rms"]}
+               for s, r in zip(scalars, runs)]
         _band(gates, rms, color, variant)
     for offset, key, marker in ((-0.12, "answer_bits_per_token", "o"),
                                 (0.12, "non_answer_bits_per_token", "x")):
