@@ -18,6 +18,7 @@ def test_variants_parse_names_and_bindings():
       benchmark.parse_variants(bad)
 
 
+@pytest.mark.slow
 def test_train_benchmark_times_the_optimised_and_reference_paths_alternately():
   result = subprocess.run(
       [sys.executable, "-m", "meliad_tools.bench_train", "--configs=tiny_test", "--rounds=1"],

@@ -118,6 +118,7 @@ def test_an_instruction_runs_until_its_completion_event_on_any_thread(tmp_path):
   assert executions == [("copy.4", 50, 70), ("dot.3", 10, 42), ("dot.3", 80, 91)]
 
 
+@pytest.mark.slow
 def test_profile_of_a_training_step_attributes_its_time_to_model_parts():
   result = subprocess.run(
       [sys.executable, "-m", "meliad_tools.bench_profile", "--gin_file=base_htrans.gin",

@@ -128,7 +128,7 @@ def test_should_run_follows_meliad():
   assert not trainer_lib.should_run(10, 0)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_steps_per_loop_keeps_losses_summaries_tests_and_checkpoints(jit_compile, tmp_path):
   """Ten steps per call give the losses of one, and periodic work comes at the same steps."""
   runs = {}
@@ -225,7 +225,8 @@ def test_the_trainer_leaves_the_named_gates_unscaled():
   import tiny_run  # pylint: disable=g-import-not-at-top
   moved = {}
   for option in ([], ["include 'options/gates_unscaled.gin'"]):
-    tiny_run.configure("Trainer.num_steps = 2", *tiny_run.MEMORIZING)
+    tiny_run.configure("Trainer.num_steps = 2", "Trainer.jit_compile = False",
+                       *tiny_run.MEMORIZING)
     if option:
       gin.parse_config(option)
     trainer = trainer_lib.Trainer().build()
