@@ -68,6 +68,7 @@ setuptools.setup(
             "meliad-eval=meliad_tools.eval:run",
             "meliad-generate=meliad_tools.generate:run",
             "meliad-convert=meliad_tools.convert:run",
+            "meliad-recall=meliad_tools.recall_comparison:run",
         ],
     },
 )

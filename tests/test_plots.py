@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from meliad_tf.training import plots
 from meliad_tf.training import summaries
@@ -35,6 +36,18 @@ def test_event_files_are_read_in_writing_order_not_name_order(tmp_path):
     (written,) = (tmp_path / str(counter)).glob("events.out.tfevents.*")
     written.rename(tmp_path / f"events.out.tfevents.1700000000.host.name.77.{counter}.v2")
   assert plots.read_scalars(str(tmp_path))["train/bits_per_token"] == [(10, 3.0)]
+
+
+def test_runs_with_separate_metric_directories_read_with_the_directory_as_prefix(tmp_path):
+  """As Meliad writes with use_separate_metric_directories: workdir/<mode>/events, bare tags."""
+  for mode, values in (("train", [(0, 5.0), (10, 4.0)]), ("test", [(10, 4.5)])):
+    writer = tf.summary.create_file_writer(str(tmp_path / mode))
+    with writer.as_default():
+      for step, value in values:
+        tf.summary.scalar("loss", value, step=step)
+    writer.close()
+  assert plots.read_scalars(str(tmp_path)) == {"train/loss": [(0, 5.0), (10, 4.0)],
+                                               "test/loss": [(10, 4.5)]}
 
 
 def test_missing_event_files_are_reported(tmp_path):

@@ -29,7 +29,7 @@ _DEFINITIONS = {
         "saved_model", "", "A SavedModel written by meliad-export."),
     "gin_param": lambda: flags.DEFINE_multi_string(
         "gin_param", [], "Gin bindings, applied after the gin files (or after the run's "
-        "config.gin, for a trained model)."),
+        "config.gin, for a trained model; meliad-recall: to every run, after its own)."),
     "default_data_dir": lambda: flags.DEFINE_string(
         "default_data_dir", None, "TensorFlow Datasets data directory (e.g. where pg19 is "
         "prepared)."),
@@ -55,7 +55,8 @@ _DEFINITIONS = {
     "output": lambda: flags.DEFINE_string(
         "output", None, "What the program writes: meliad-eval the results as JSON, "
         "meliad-export the SavedModel, meliad-convert the new workdir, meliad-vocab the model "
-        "prefix (PREFIX.model, PREFIX.vocab), meliad-plot the PNG (default curves.png)."),
+        "prefix (PREFIX.model, PREFIX.vocab), meliad-plot the PNG (default curves.png), "
+        "meliad-recall the figure's PNG (none by default)."),
     "configs": lambda: flags.DEFINE_list(
         "configs", ["tiny_test", "small_test"], "Size configs under configs/size/ to time."),
 }
