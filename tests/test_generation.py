@@ -397,8 +397,9 @@ def test_sampling_draws_from_the_forward_pass_for_every_family(name):
                                   for prompt, tokens in zip(PROMPTS, generated)], seed)
 
 
-@pytest.mark.parametrize("name", ["memorizing", "memorizing_scann", "recurrent_lstm_dual",
-                                  "block_feedback"])
+@pytest.mark.parametrize("name", ["memorizing", "memorizing_scann",
+                                  pytest.param("recurrent_lstm_dual", marks=pytest.mark.slow),
+                                  pytest.param("block_feedback", marks=pytest.mark.slow)])
 def test_xla_generation_equals_graph_generation_for_every_family(name):
   """XLA compiles the whole decode step, or, for a memory searched on the host, all of it but
   the search."""

@@ -546,6 +546,7 @@ def test_memory_state_round_trips_through_a_checkpoint(tmp_path):
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_with_memory_equals_one_device():
   single = build_trainer("TransformerTaskConfig.batch_size = 2")
   strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -652,7 +653,8 @@ def test_scann_training_equals_exact_training(jit_compile):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("jit_compile", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.slow
+@pytest.mark.parametrize("jit_compile", [False, True])
 def test_scann_under_mirrored_strategy_equals_one_device(jit_compile):
   """Each replica searches its own streams' indices."""
   files = ["options/memory_backend_scann.gin"]

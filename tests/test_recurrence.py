@@ -639,6 +639,7 @@ def test_recurrent_state_round_trips_through_a_checkpoint(tmp_path):
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_cpus_equals_one_device():
   single = build_trainer("TransformerTaskConfig.batch_size = 2", "Trainer.num_steps = 2")
   strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
