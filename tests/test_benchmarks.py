@@ -37,6 +37,7 @@ def test_train_benchmark_times_the_optimised_and_reference_paths_alternately():
       tiny["reference"]["ms_per_train_step"] / tiny["optimised"]["ms_per_train_step"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_device_bench_without_a_gpu_stops_with_a_message():
   result = subprocess.run(
       [sys.executable, "-m", "meliad_tools.bench_train", "--configs=tiny_test",

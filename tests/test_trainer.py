@@ -218,6 +218,7 @@ def test_test_cycle_reports_the_answer_tokens_apart(tmp_path):
   np.testing.assert_allclose(logged, metrics["answer_bits_per_token"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_trainer_leaves_the_named_gates_unscaled():
   """options/gates_unscaled.gin: after two steps (the first has learning rate 0), the memory
   gate, which starts at 0, has moved 1000 times as far as at Adafactor's floor of 1e-3, and

@@ -29,11 +29,15 @@ def _command(workdir, *params):
 
 
 def _checkpoint_files(workdir):
+  """Path -> digest of every file under the checkpoint directory, including the temporary
+  directory of a checkpoint whose writer was stopped in the middle."""
   directory = os.path.join(workdir, checkpoints.CHECKPOINT_DIRECTORY)
   result = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), "rb") as f:
-      result[name] = hashlib.sha256(f.read()).hexdigest()
+  for parent, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(parent, name)
+      with open(path, "rb") as f:
+        result[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return result
 
 

@@ -114,6 +114,7 @@ _MY_TASKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_task_registered_by_a_module_imported_from_gin_trains_and_evaluates(tmp_path):
   from tiny_run import PARAMS  # pylint: disable=g-import-not-at-top
   (tmp_path / "my_registered_tasks.py").write_text(_MY_TASKS)
