@@ -1,7 +1,8 @@
 """The Block-Recurrent Transformer.
 
-The numerics are checked against `NaiveRecurrentLayer`, a numpy transcription of the
-spec's formulas (§5.3, §5.4, §2.3) written here with plain loops over the windows.
+The numerics are checked against `NaiveRecurrentLayer`, a numpy transcription of Meliad's
+recurrent layer (the block-wise attention of tokens and states, the gates, the state update)
+written here with plain loops over the windows.
 """
 
 import functools
@@ -83,7 +84,7 @@ def value(variable):
 
 
 class NaiveRecurrentLayer:
-  """Spec §5.3-5.4 for one segment, evaluation mode, no position bias, XL cache on."""
+  """Meliad's recurrent layer for one segment, evaluation mode, no position bias, XL cache on."""
 
   def __init__(self, layer, gate_type, single_gate, skip_ffn):
     self.layer = layer
@@ -98,7 +99,7 @@ class NaiveRecurrentLayer:
   def kvq(self, tbase, x):
     h = rms_norm(x, value(tbase.pre_attn_layernorm.scale))
     if tbase.position_embeddings is not None:
-      h = h + value(tbase.position_embeddings)  # after the norm (§10 item 19)
+      h = h + value(tbase.position_embeddings)  # after the norm, as in Meliad
     project = lambda dense: self.split(h @ value(dense.kernel))
     return (l2_normalize(project(tbase.keys_layer)), project(tbase.values_layer),
             l2_normalize(project(tbase.queries_layer)),
@@ -469,7 +470,7 @@ def test_block_feedback_cross_attends_to_the_state_entering_each_chunk(recurrent
   num_layers = 3 if len(recurrent_layer_indices) == 1 else 4
   lm = language_model(recurrent_layer_indices=recurrent_layer_indices, num_layers=num_layers,
                       feedback=True, sequence_length=3 * WINDOW)
-  feedback_index = recurrent_layer_indices[-1]  # the last recurrent layer wins (§5.6)
+  feedback_index = recurrent_layer_indices[-1]  # the last recurrent layer wins, as in Meliad
   listener = min(set(range(num_layers)) - set(recurrent_layer_indices))  # a layer below
   recorder = RecordingLayer(lm.decoder.layers[listener])
   lm.decoder.layers[listener] = recorder
