@@ -48,7 +48,7 @@ def test_the_old_workdir_resumes(tmp_path, clean_gin):
   assert trainer.checkpoint_keeper(workdir).restore()
   assert trainer.step == 2
   # Its data iterators were saved when documents were tokenized whole; they go on so.
-  assert trainer.iterator_layout == 1
+  assert trainer.data.iterator_layout == 1
   trainer.train(workdir)
   assert trainer.step == 3
   gin.clear_config()

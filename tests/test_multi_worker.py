@@ -8,6 +8,7 @@ from TF_CONFIG, one CPU device each).
 * A worker killed with SIGKILL makes the other stop with an error within 60 s; both started
   again continue with the losses of the uninterrupted run, each host's data position restored.
 * SIGTERM to one worker gives one checkpoint, and both exit with 143.
+* The data signature the chief writes counts the two hosts' input pipelines.
 """
 
 import json
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import pipelines
 from meliad_tf.training import checkpoints
 from meliad_tf.training import gin_setup
 from meliad_tf.training import step_losses
@@ -151,6 +153,16 @@ def test_only_the_chief_writes_the_workdir(two_worker_run):
   assert "TensorBoard logs" in cluster.log(0) and "TensorBoard logs" not in cluster.log(1)
   if not cluster.read_only_worker:
     pytest.skip("no mount namespace here: the other worker's view was not read-only")
+
+
+def test_the_data_signature_counts_the_hosts_pipelines(two_worker_run):
+  workdir, _ = two_worker_run
+  with open(os.path.join(workdir, checkpoints.DATA_SIGNATURE_FILE)) as f:
+    signature = json.load(f)
+  assert signature == {
+      "dataset_name": "synthetic", "train_split": "train", "test_split": "test",
+      "sequence_length": 256, "global_batch_size": 2, "random_seed": 42, "input_pipelines": 2,
+      "iterator_layout": pipelines.streams.ITERATOR_LAYOUT}
 
 
 def _wait_for_steps(workdir, count, cluster, deadline):

@@ -204,7 +204,7 @@ def test_test_cycle_reports_the_answer_tokens_apart(tmp_path):
   trainer = build("Trainer.num_steps = 1", "Trainer.test_every_steps = 1",
                   "Trainer.num_test_steps = 4", *facts_params)
   # Each test document fits one segment, so every byte of its three 8-byte values is predicted.
-  source = trainer.task.source
+  source = trainer.data.task.source
   assert max(len(source.generate("test", i)) for i in range(16)) < trainer.sequence_length
   metrics = trainer.train(str(tmp_path))
   assert metrics["answer_token_count"] == 4 * 3 * 8

@@ -55,7 +55,7 @@ def profile(gin_files, gin_params, step, steps, top, trace_dir=None):
         "on the host (memory_on_tpu_factory.backend = 'scann'), so the step is XLA clusters "
         "around a host call rather than the one XLA program this profile reads; profile it "
         "with the bucketed or exact backend")
-  batches = trainer.next_training_batches(1)
+  batches = trainer.data.next_training_batches(1)
   if step == "train":
     compiled, run_step = trainer.steps.train_function, trainer.train_step
     arguments = trainer.steps.training_arguments(batches)

@@ -157,9 +157,9 @@ class TimedTrainer:
     self.trainer = trainer_lib.Trainer().build()
     if prepare is not None:
       prepare(self.trainer)
-    self.tokens = self.trainer.global_batch_size * self.trainer.sequence_length
+    self.tokens = self.trainer.data.global_batch_size * self.trainer.sequence_length
     self.flops_per_token = model_flops_per_token(self.trainer)
-    self.batch = self.trainer.steps.model_inputs(self.trainer.next_training_batches(1)[0])
+    self.batch = self.trainer.steps.model_inputs(self.trainer.data.next_training_batches(1)[0])
     self.compile_train = _seconds(self.train_step)
     self.compile_eval = _seconds(self.eval_step)
     gin.clear_config()
@@ -172,7 +172,7 @@ class TimedTrainer:
     self.trainer.train_steps(self.trainer.steps_per_loop)
 
   def next_batch(self):
-    self.trainer.steps.model_inputs(self.trainer.next_training_batches(1)[0])
+    self.trainer.steps.model_inputs(self.trainer.data.next_training_batches(1)[0])
 
   def eval_step(self):
     for value in self.trainer.steps.test_function(self.batch).values():

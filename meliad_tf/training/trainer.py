@@ -32,11 +32,11 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-import pipelines
 from meliad_tf.common import storage
 from meliad_tf.model import footprint
 from meliad_tf.model import language_model as model_lib
 from meliad_tf.training import checkpoints
+from meliad_tf.training import data as data_lib
 from meliad_tf.training import distribution
 from meliad_tf.training import optimizer as optimizer_lib
 from meliad_tf.training import schedules
@@ -57,8 +57,8 @@ class NonFiniteLossError(RuntimeError):
   """A training step's loss or gradients were not finite (Trainer.skip_nonfinite_steps off)."""
 
 
-class DataError(ValueError):
-  """The input pipeline failed on the data (an unreadable file, a byte it cannot encode)."""
+# Trainer.train raises it; named here beside the trainer's other errors.
+DataError = data_lib.DataError
 
 
 class TrainingInterrupted(Exception):
@@ -235,22 +235,14 @@ class Trainer:
     self.task_config = self.model.task_config
     self.batch_size = self.task_config.batch_size
     self.sequence_length = self.task_config.sequence_length
-    self.global_batch_size = self.batch_size * self.strategy.num_replicas_in_sync
-    self.host_batch_size = self.batch_size * distribution.local_replica_count(self.strategy)
-    self.task = pipelines.get_task(self.task_config.dataset_name)
-    vocab_size = self.task.vocabulary.vocab_size
-    if vocab_size > self.model.vocab_size:
-      raise ValueError(
-          f"the vocabulary of task {self.task_config.dataset_name!r} has {vocab_size} ids but "
-          f"the embedding has {self.model.vocab_size} rows "
-          f"(TransformerTaskConfig.vocab_size / NUM_EMBEDDINGS); set NUM_EMBEDDINGS >= "
-          f"{vocab_size}")
+    self.data = data_lib.TrainingData(
+        self.task_config, self.strategy, self.random_seed,
+        with_test=bool(self.num_test_steps and self.test_every_steps),
+        embedding_rows=self.model.vocab_size)
     self.train_state = state_lib.StreamState(self.model.state_spec, self.batch_size,
                                              self.strategy, "train")
     self.test_state = state_lib.StreamState(self.model.state_spec, self.batch_size,
                                             self.strategy, "test")
-    self.iterator_layout = pipelines.streams.ITERATOR_LAYOUT
-    self._make_iterators()
     if (self.steps_per_loop > 1 and self.calls_host and self.jit_compile
         and self.strategy.num_replicas_in_sync > 1):
       # TensorFlow's clustering around the host call fails inside a loop over several
@@ -288,36 +280,6 @@ class Trainer:
           f"(TransformerTaskConfig.batch_size, sequence_length), but this machine has "
           f"{available / 2**30:.3g} GiB of memory available; use smaller sizes")
 
-  def _make_iterators(self):
-    context = distribution.host_input_context(self.strategy)
-    self.train_iterator = iter(self._dataset(self.task_config.train_split, self.random_seed,
-                                             context))
-    self.test_iterator = (iter(self._dataset(self.task_config.test_split, self.random_seed + 1,
-                                             context))
-                          if self.num_test_steps and self.test_every_steps else None)
-
-  def _dataset(self, split, seed, context):
-    return pipelines.load_text_dataset(
-        self.task, split=split, sequence_length=self.sequence_length,
-        batch_size=self.host_batch_size, training=True, seed=seed, input_context=context,
-        iterator_layout=self.iterator_layout)
-
-  def _continue_iterator_layout(self, workdir):
-    """Rebuilds the data iterators in the layout of the workdir's checkpoints where an older
-    version wrote them, so that their saved positions restore (and the run goes on reading
-    as it did)."""
-    saved = checkpoints.saved_data_signature(workdir) if workdir else None
-    if saved is None:
-      return
-    layout = saved.get("iterator_layout", 1)
-    # An unknown layout is left to the signature check, which names it.
-    if layout == self.iterator_layout or layout not in pipelines.streams.ITERATOR_LAYOUTS:
-      return
-    logging.info("the checkpoints in %s were written with data iterators of layout %d; this "
-                 "run continues in that layout", workdir, layout)
-    self.iterator_layout = layout
-    self._make_iterators()
-
   @property
   def calls_host(self):
     """True when a memory layer searches on the host, so a step cannot be one XLA program."""
@@ -328,21 +290,8 @@ class Trainer:
                                    self.warmup_steps, self.learning_rate_multiplier,
                                    self.optimizer_config.learning_rate)
 
-  def _read_batch(self, iterator):
-    try:
-      return next(iterator)
-    except tf.errors.OpError as e:
-      split = (self.task_config.train_split if iterator is self.train_iterator
-               else self.task_config.test_split)
-      raise DataError(f"reading split {split!r} of task {self.task_config.dataset_name!r} "
-                      f"failed: {_without_graph_context(e.message)}") from e
-
   # ---------------------------------------------------------------------------------------
   # Steps
-
-  def next_training_batches(self, num_steps):
-    """This host's next `num_steps` training batches."""
-    return [self._read_batch(self.train_iterator) for _ in range(num_steps)]
 
   def train_steps(self, num_steps, stop_signal=None):
     """Runs `num_steps` (at most `steps_per_loop`) training steps in one call.
@@ -356,7 +305,7 @@ class Trainer:
     """
     if not 1 <= num_steps <= self.steps_per_loop:
       raise ValueError(f"num_steps must be in [1, {self.steps_per_loop}], got {num_steps}")
-    hosts = self.next_training_batches(num_steps)
+    hosts = self.data.next_training_batches(num_steps)
     metrics, voted = self.steps.train(hosts, stop_signal)
     return hosts, metrics, voted
 
@@ -369,7 +318,7 @@ class Trainer:
     """Runs `num_test_steps` test steps; returns the metrics summed over them."""
     totals = {}
     for _ in range(self.num_test_steps):
-      for key, value in self.steps.test(self._read_batch(self.test_iterator)).items():
+      for key, value in self.steps.test(self.data.next_test_batch()).items():
         totals[key] = totals.get(key, 0.0) + float(value.numpy())
     return totals
 
@@ -415,8 +364,8 @@ class Trainer:
         raise
       raise WorkerLostError(
           f"lost contact with another host of the cluster at step {self.step}: "
-          f"{_without_graph_context(e.message).split('. ')[0]}. Start every host again with "
-          "the same command to continue from the last checkpoint") from e
+          f"{data_lib.without_graph_context(e.message).split('. ')[0]}. Start every host "
+          "again with the same command to continue from the last checkpoint") from e
 
   def _train(self, workdir, load_dir, force):
     # Only the chief writes the workdir (and holds its lock); the other hosts read it.
@@ -479,7 +428,7 @@ class Trainer:
     """Whether summaries, a test cycle or a checkpoint come after training step `step`."""
     periods = [self.print_input_every_steps, self.log_every_steps,
                self.parameter_metrics_every_steps]
-    if self.test_iterator is not None:
+    if self.data.with_test:
       periods.append(self.test_every_steps)
     if self.save_checkpoints:
       periods.append(self.checkpoint_every_steps)
@@ -497,7 +446,7 @@ class Trainer:
     self._log_start(workdir)
     if self.step == 0:
       writer.run_record(gin.operative_config_str(), self.hyperparameters())
-    tokens_per_step = self.global_batch_size * self.sequence_length
+    tokens_per_step = self.data.global_batch_size * self.sequence_length
     progress = summaries.Progress(self.step, self.num_steps, tokens_per_step)
     accumulated = summaries.Accumulator()
     test_metrics, last_test_step = None, None
@@ -537,7 +486,7 @@ class Trainer:
                                          else {}))
       if should_run(step, self.print_input_every_steps):
         writer.text("train", "input", self._decode_first_stream(hosts[-1]), step)
-      if should_run(step, self.test_every_steps) and self.test_iterator is not None:
+      if should_run(step, self.test_every_steps) and self.data.with_test:
         test_metrics, last_test_step = self._test_and_log(writer, step), step
       if should_run(step, self.log_every_steps) or is_last:
         train_metrics = accumulated.flush() if accumulated.steps else {}
@@ -559,7 +508,7 @@ class Trainer:
         self._stop(voted, stop_requests.signal_number is None, writer, step_losses)
     # The result reflects the final parameters, as the main job reports it.
     final_step = self.step - 1
-    if self.test_iterator is not None and final_step >= 0 and last_test_step != final_step:
+    if self.data.with_test and final_step >= 0 and last_test_step != final_step:
       test_metrics = self._test_and_log(writer, final_step)
     writer.flush()
     return test_metrics
@@ -590,7 +539,7 @@ class Trainer:
 
   def _decode_first_stream(self, host):
     tokens = np.asarray(host["targets"])[0]
-    return self.task.vocabulary.decode([int(t) for t in tokens if t > 0])
+    return self.data.task.vocabulary.decode([int(t) for t in tokens if t > 0])
 
   def _log_start(self, workdir):
     num_params = sum(int(np.prod(v.shape)) for v in self.params)
@@ -598,7 +547,7 @@ class Trainer:
     logging.info("model: %d parameters (%d without the embedding); %d replica(s), "
                  "%d streams of %d tokens per step; starting at step %d of %d",
                  num_params, num_params - embedding, self.strategy.num_replicas_in_sync,
-                 self.global_batch_size, self.sequence_length, self.step, self.num_steps)
+                 self.data.global_batch_size, self.sequence_length, self.step, self.num_steps)
     if self.print_variables:
       for v in self.params:
         logging.info("  %s %s", v.name, v.shape)
@@ -613,12 +562,12 @@ class Trainer:
       max_to_keep: checkpoints kept; None: Trainer.max_checkpoints_to_keep.
       guard: see `CheckpointKeeper`.
     """
-    self._continue_iterator_layout(workdir)
+    self.data.continue_saved_layout(workdir)
     contents = checkpoints.Contents(
         strategy=self.strategy, model=self.model, optimizer=self.optimizer,
         train_state=self.train_state, test_state=self.test_state,
-        train_iterator=self.train_iterator, test_iterator=self.test_iterator,
-        parameter_summary=self.parameter_summary, data_signature=self.data_signature,
+        train_iterator=self.data.train_iterator, test_iterator=self.data.test_iterator,
+        parameter_summary=self.parameter_summary, data_signature=self.data.signature,
         restore_state_variables=self.restore_state_variables)
     return checkpoints.CheckpointKeeper(contents, workdir,
                                         max_to_keep or self.max_checkpoints_to_keep, guard)
@@ -631,7 +580,8 @@ class Trainer:
         "dataset": self.task_config.dataset_name, "num_layers": stack.num_layers,
         "embed_dim": stack.embedding_size, "num_heads": layer.num_heads,
         "head_dim": layer.head_size, "window_length": layer.window_length,
-        "sequence_length": self.sequence_length, "global_batch_size": self.global_batch_size,
+        "sequence_length": self.sequence_length,
+        "global_batch_size": self.data.global_batch_size,
         "num_steps": self.num_steps, "warmup_steps": self.warmup_steps,
         "learning_rate_schedule": getattr(self.learning_rate_schedule, "__name__",
                                           str(self.learning_rate_schedule)),
@@ -642,19 +592,6 @@ class Trainer:
     }
     return values
 
-  def data_signature(self):
-    """What the checkpointed data iterators read; a resume must read the same."""
-    config = self.task_config
-    signature = {"dataset_name": config.dataset_name, "train_split": config.train_split,
-                 "test_split": config.test_split, "sequence_length": self.sequence_length,
-                 "global_batch_size": self.global_batch_size, "random_seed": self.random_seed}
-    hosts = distribution.num_hosts(self.strategy)
-    if hosts > 1:  # Each host's pipeline reads its own share of the documents.
-      signature["input_pipelines"] = hosts
-    if self.iterator_layout > 1:  # Signatures without it were written under layout 1.
-      signature["iterator_layout"] = self.iterator_layout
-    return signature
-
   def parameter_summary(self):
     """Name -> shape of every checkpointed variable, for compatibility checks."""
     shapes = {v.name: list(v.shape) for v in self.params}
@@ -662,12 +599,6 @@ class Trainer:
       for path, variable in _flatten_with_paths(mode.checkpointable.variables_by_name):
         shapes[f"state_{mode.mode}/{path}"] = list(variable.shape)
     return shapes
-
-
-def _without_graph_context(message):
-  """A TensorFlow error message without the graph node lines it appends."""
-  lines = [line for line in message.splitlines() if not line.strip().startswith("[[")]
-  return " ".join(line.strip() for line in lines if line.strip())
 
 
 def _flatten_with_paths(nested, prefix=""):
