@@ -41,6 +41,8 @@ def _checkpoint_files(workdir):
   return result
 
 
+# Two training processes end to end (about 30 s); the lock's rules have quick tests below.
+@pytest.mark.slow
 def test_a_second_trainer_refuses_a_held_workdir_until_its_holder_is_gone(tmp_path):
   workdir = str(tmp_path / "workdir")
   environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
