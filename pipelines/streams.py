@@ -1,9 +1,12 @@
 """Ordered per-stream segments: the batches a long-context model trains on.
 
-A stream is one batch slot. It reads documents one after another; each document is tokenized
-whole and cut into segments of L tokens, the last one right-padded with 0. Batch t+1 holds, in
-slot b, the segment that follows slot b's segment in batch t, so a model's per-slot state (XL
-cache, recurrent state, memory) carries over.
+A stream is one batch slot. It reads documents one after another; each document's tokens (those
+of the whole document) are cut into segments of L tokens, the last one right-padded with 0. A
+long document is tokenized a piece at a time where that gives the same tokens: in pieces of
+whole segments for a byte vocabulary, in pieces cut at spaces for a SentencePiece model that
+allows it (`Vocabulary.space_cut`). Batch t+1 holds, in slot b, the segment that follows slot
+b's segment in batch t, so a model's per-slot state (XL cache, recurrent state, memory)
+carries over.
 
 Document order. Documents are dealt to the S streams of an input pipeline round-robin: in epoch
 e, stream s reads documents s, s+S, s+2S, ... of that epoch's order, a permutation of the
@@ -22,10 +25,11 @@ that can only be read in order is first copied once into random-access files
 Checkpoints. Everything is tf.data operations without Python generators, and the pipeline uses
 symbolic checkpoints (`tf.data.Options.experimental_symbolic_checkpoint`): an iterator saved
 with `tf.train.Checkpoint(iterator=)` holds, per stream, its count of documents started (which
-gives the epoch and the document) and the segment it is at, about 2.4 kB, not the text or
-tokens it has buffered. A restored iterator reads and tokenizes each stream's current document
-again and resumes at the very next segment. The streams are one `interleave` over the stream
-index, so that their functions are traced once, not once per stream.
+gives the epoch and the document), the piece and the segment it is at, a few kB, not the text
+or tokens it has buffered. A restored iterator reads each stream's current document again,
+tokenizes its current piece (the whole document where it is not cut) and resumes at the very
+next segment. The streams are one `interleave` over the stream index, so that their functions
+are traced once, not once per stream.
 
 Answers. Where the source's documents mark answers (`sources.ANSWERS`, as the synthetic
 fact-recall documents do), batches also hold `answer_mask` bool [B, L]: True at the positions
@@ -66,10 +70,14 @@ NAME_FIELD = "document_id"
 ANSWER_FIELD = "answer_mask"
 _VERBOSE_CHARS = 60
 # The layout of the pipeline's operations, which a saved iterator must be restored into:
-# 1 tokenized every document whole; 2 tokenizes in pieces (see `_pieces`). A checkpoint saved
-# under layout 1 continues under layout 1 (`stream_batches(iterator_layout=1)`).
-ITERATOR_LAYOUT = 2
-ITERATOR_LAYOUTS = (1, 2)
+# 1 tokenized every document whole; 2 tokenizes byte vocabularies' documents in pieces (see
+# `_pieces`); 3 also tokenizes SentencePiece documents in pieces cut at spaces where the model
+# allows it (`_space_cut_segments`), and is 2 for other vocabularies except that documents with
+# answers are tokenized whole (as in layout 1). A checkpoint saved under an older layout
+# continues under it (`stream_batches(iterator_layout=...)`); the batches are the same under
+# every layout but for the answer marks layout 2 set at the end of a piece (see below).
+ITERATOR_LAYOUT = 3
+ITERATOR_LAYOUTS = (1, 2, 3)
 
 
 def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
@@ -96,6 +104,32 @@ def _document_order(source: sources_lib.IndexedSource, split: str, training: boo
   return counts.flat_map(read)
 
 
+def _segment_fields(targets: tf.Tensor, mask: tf.Tensor, start_of_sequence: tf.Tensor,
+                    document: Dict[str, tf.Tensor], token_bytes: tf.Tensor) -> Dict[str, tf.Tensor]:
+  """The fields of a document's segments from their targets and loss mask ([k, L] each)."""
+  length = targets.shape[1]
+  num_segments = tf.shape(targets)[0]
+  # Position 0 of a segment is never predicted (its input is another segment's), nor is padding.
+  predicted = mask & (targets != vocabularies.PAD_ID) & (tf.range(length) >= 1)[tf.newaxis, :]
+  predicted_int = tf.cast(predicted, tf.int32)
+  return {
+      "targets": targets,
+      "start_of_sequence": start_of_sequence,
+      "epoch": tf.fill([num_segments], document["epoch"]),
+      "loss_mask": mask,
+      "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
+      "nonzero_tokens": tf.reduce_sum(predicted_int, axis=1),
+      "document_index": tf.fill([num_segments], document["document_index"]),
+      NAME_FIELD: tf.fill([num_segments], document["document_id"]),
+  }
+
+
+def _log_document(document: Dict[str, tf.Tensor]):
+  return tf.print("INFO text_dataset: reading document", document["document_id"], ":",
+                  tf.strings.substr(document["text"], 0, _VERBOSE_CHARS, unit="UTF8_CHAR"),
+                  output_stream=sys.stderr)
+
+
 def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length: int,
                mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]], verbose: bool):
   """A function from one document to all its segments, every field with a leading [segments]."""
@@ -107,11 +141,7 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
     text, document_id = document["text"], document["document_id"]
     first_piece = document.get("first_piece", tf.constant(True))
     if verbose:
-      tf.cond(first_piece,
-              lambda: tf.print("INFO text_dataset: reading document", document_id, ":",
-                               tf.strings.substr(text, 0, _VERBOSE_CHARS, unit="UTF8_CHAR"),
-                               output_stream=sys.stderr),
-              tf.no_op)
+      tf.cond(first_piece, lambda: _log_document(document), tf.no_op)
     tokens = vocab.encode_tf(text, document_id, source_name)  # [n]
     num_tokens = tf.size(tokens)
     num_segments = (num_tokens + length - 1) // length
@@ -122,27 +152,15 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
       mask = tf.ones([num_tokens], tf.bool)
     targets = tf.reshape(tf.pad(tokens, [[0, padding]]), [num_segments, length])
     mask = tf.reshape(tf.pad(mask, [[0, padding]]), [num_segments, length])
-    answers = {}
+    fields = _segment_fields(targets, mask, (tf.range(num_segments) == 0) & first_piece, document,
+                             token_bytes)
     if sources_lib.ANSWERS in document:
       answer_tokens = _answer_tokens(vocab, text, document[sources_lib.ANSWERS])  # [n]
       # Position i predicts token i + 1.
       answer_positions = tf.concat([answer_tokens[1:], [False]], axis=0)
-      answers[ANSWER_FIELD] = tf.reshape(tf.pad(answer_positions, [[0, padding]]),
-                                         [num_segments, length])
-    # Position 0 of a segment is never predicted (its input is another segment's), nor is padding.
-    predicted = mask & (targets != vocabularies.PAD_ID) & (tf.range(length) >= 1)[tf.newaxis, :]
-    predicted_int = tf.cast(predicted, tf.int32)
-    return {
-        "targets": targets,
-        "start_of_sequence": (tf.range(num_segments) == 0) & first_piece,
-        "epoch": tf.fill([num_segments], document["epoch"]),
-        "loss_mask": mask,
-        "num_chars": tf.reduce_sum(tf.gather(token_bytes, targets) * predicted_int, axis=1),
-        "nonzero_tokens": tf.reduce_sum(predicted_int, axis=1),
-        "document_index": tf.fill([num_segments], document["document_index"]),
-        NAME_FIELD: tf.fill([num_segments], document_id),
-        **answers,
-    }
+      fields[ANSWER_FIELD] = tf.reshape(tf.pad(answer_positions, [[0, padding]]),
+                                        [num_segments, length])
+    return fields
 
   return segment
 
@@ -156,8 +174,8 @@ def _pieces(vocab: vocabularies.Vocabulary, sequence_length: int, masked: bool):
 
   A byte vocabulary tokenizes every byte alone, so a long document is cut into pieces of a
   whole number of segments (about PIECE_BYTES), and a book of any length takes bounded
-  memory. Other vocabularies (SentencePiece's pieces span bytes), and a loss mask (found
-  over the whole document), take the document whole.
+  memory. Other vocabularies, and a loss mask (found over the whole document), take the
+  document whole here; `_space_cut_segments` cuts SentencePiece's documents.
   """
   if not vocab.one_token_per_byte or masked:
     return lambda document: tf.data.Dataset.from_tensors(dict(document, first_piece=True))
@@ -175,6 +193,77 @@ def _pieces(vocab: vocabularies.Vocabulary, sequence_length: int, masked: bool):
     return tf.data.Dataset.from_tensor_slices(starts).map(piece)
 
   return pieces
+
+
+# A document whose vocabulary has a `space_cut` is cut into parts of about CUT_BYTES (at the
+# first space after each multiple that it may be cut at), and PIECE_PARTS parts, about 64 kB,
+# are tokenized at once: a restored stream tokenizes again the piece it is in, and a segment
+# that spans two pieces is tokenized again from the cut before it.
+CUT_BYTES = 2048
+PIECE_PARTS = 32
+
+
+def _space_cuts(text: tf.Tensor, space_cut: str, every: int) -> Tuple[tf.Tensor, tf.Tensor]:
+  """int64 [parts] starts and ends of `text` cut at the first space it may be cut at (see
+  `Vocabulary.space_cut`) after each multiple of `every` bytes."""
+  data = tf.io.decode_raw(text, tf.uint8)
+  size = tf.size(data, out_type=tf.int64)
+  visible = (data > 0x20) & (data < 0x7F)
+  cuttable = (data[1:-1] == 0x20) & visible[:-2] & visible[2:]
+  spaces = tf.where(cuttable)[:, 0] + 1
+  wanted = tf.searchsorted(spaces, tf.range(every, tf.maximum(size, every), every, dtype=tf.int64))
+  cuts, _ = tf.unique(tf.gather(spaces, tf.boolean_mask(wanted, wanted < tf.size(spaces))))
+  dropped = 1 if space_cut == "drop" else 0
+  return tf.concat([[0], cuts + dropped], axis=0), tf.concat([cuts, [size]], axis=0)
+
+
+def _space_cut_segments(vocab: vocabularies.Vocabulary, source_name: str, sequence_length: int,
+                        verbose: bool):
+  """A function from one document to its segments in blocks, for a vocabulary with a space_cut.
+
+  The document's tokens are those of its parts (`_space_cuts`) one after another, the tokens
+  of the whole. Each piece of parts gives the segments its last part completes (the
+  document's last piece all that is left, padded); the next piece starts tokenizing at the
+  part that holds the first token not yet given, a position (part, tokens to skip) that the
+  iterator checkpoint keeps.
+  """
+  token_bytes = tf.constant(vocab.token_byte_lengths())
+  length = sequence_length
+
+  def segments(document):
+    if verbose:
+      _log_document(document)
+    text = document["text"]
+    starts, ends = _space_cuts(text, vocab.space_cut, CUT_BYTES)
+    num_parts = tf.size(starts, out_type=tf.int64)
+    num_pieces = (num_parts + PIECE_PARTS - 1) // PIECE_PARTS
+
+    def piece_segments(position, piece):
+      first_part, skip, segments_before = position
+      end_part = tf.minimum((piece + 1) * PIECE_PARTS, num_parts)
+      part_starts = starts[first_part:end_part]
+      parts = tf.strings.substr(text, part_starts, ends[first_part:end_part] - part_starts)
+      tokens = vocab.encode_tf(parts, document["document_id"], source_name)
+      ahead = tokens.flat_values[skip:]
+      num_ahead = tf.size(ahead, out_type=tf.int64)
+      # Only the document's last piece ends a segment early (padded).
+      num_segments = tf.where(tf.equal(piece, num_pieces - 1), (num_ahead + length - 1) // length,
+                              num_ahead // length)
+      used = tf.minimum(num_segments * length, num_ahead)
+      targets = tf.reshape(tf.pad(ahead[:used], [[0, num_segments * length - used]]),
+                           [num_segments, length])
+      next_token = skip + used
+      part = tf.searchsorted(tokens.row_splits, next_token[tf.newaxis], side="right")[0] - 1
+      position = (first_part + tf.cast(part, tf.int64), next_token - tokens.row_splits[part],
+                  segments_before + num_segments)
+      not_padding = tf.reshape(tf.range(num_segments * length) < used, [num_segments, length])
+      first = tf.equal(tf.range(num_segments) + segments_before, 0)
+      return position, _segment_fields(targets, not_padding, first, document, token_bytes)
+
+    start = (tf.constant(0, tf.int64), tf.constant(0, tf.int64), tf.constant(0, tf.int64))
+    return tf.data.Dataset.range(num_pieces).scan(start, piece_segments)
+
+  return segments
 
 
 def _answer_tokens(vocab: vocabularies.Vocabulary, text: tf.Tensor,
@@ -220,7 +309,7 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
   Args:
     source: where documents come from; a `StreamingSource` is first read once into
       random-access files (`sources.random_access`).
-    vocab: tokenizes each whole document.
+    vocab: tokenizes the documents (the batches are those of each whole document tokenized).
     split: the source split to read.
     sequence_length: L, tokens per segment.
     batch_size: B, slots per batch (per replica).
@@ -233,7 +322,7 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     verbose: log the start of every document read.
     document_names: add `document_id`, the documents' names (strings), to the batches.
     iterator_layout: one of ITERATOR_LAYOUTS; an older one restores iterators saved by an
-      older version (layout 1 tokenizes every document whole).
+      older version (layout 1 tokenizes every document whole, 2 every SentencePiece document).
 
   Returns:
     A dataset of dicts: targets int32 [B, L], start_of_sequence bool [B], epoch int32 [B],
@@ -270,16 +359,28 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
   def keep_fields(segments):
     return {key: segments[key] for key in fields if key in segments}
 
-  pieces = _pieces(vocab, sequence_length, bool(mask_tokens[0]))
+  masked = bool(mask_tokens[0])
+  pieces = _pieces(vocab, sequence_length, masked)
+  space_cut_segments = (_space_cut_segments(vocab, source.name, sequence_length, verbose)
+                        if vocab.space_cut else None)
 
   def stream_segments(stream):
     documents = _document_order(source, split, training, seed, total_streams,
                                 first_stream + stream)
-    # Tokenizing the next document while the current one is consumed keeps the streams' work
-    # off the critical path of the batch; symbolic checkpoints do not save that buffer.
-    if iterator_layout > 1:
-      documents = documents.flat_map(pieces)
-    segments = documents.map(segment).map(keep_fields).prefetch(1).unbatch()
+    # Answers are marked over the whole document's tokens (a token's mark is its successor's),
+    # and so is the loss mask. Layout 2 cut documents with answers in byte pieces, and marked
+    # the last token of a piece as if the document ended there.
+    answers = sources_lib.ANSWERS in documents.element_spec
+    cut_at_spaces = iterator_layout >= 3 and space_cut_segments and not masked and not answers
+    if iterator_layout == 1 or (iterator_layout >= 3 and answers):
+      blocks = documents.map(segment)
+    elif cut_at_spaces:
+      blocks = documents.flat_map(space_cut_segments)
+    else:
+      blocks = documents.flat_map(pieces).map(segment)
+    # Tokenizing the next block while the current one is consumed keeps the streams' work off
+    # the critical path of the batch; symbolic checkpoints do not save that buffer.
+    segments = blocks.map(keep_fields).prefetch(1).unbatch()
     if not training:
       empty = {key: value for key, value in _empty_segment(sequence_length).items()
                if key in segments.element_spec}

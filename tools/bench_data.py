@@ -19,8 +19,9 @@ as the trainer reads it (`load_text_dataset(training=True)` through a TFDS task)
 
 `--epoch_pass` adds one evaluation pass over the whole split with the bytes vocabulary: bytes read
 per byte of the corpus's text and of its files. The SentencePiece model (`--sentencepiece_model_type`,
-unigram as T5's model that pg19_tokens uses) is trained once on standard library documents and
-cached beside the corpus.
+unigram as T5's model that pg19_tokens uses, or BPE as meliad-vocab's and Meliad's PG19 models) is
+trained once on standard library documents and cached beside the corpus; `documents_cut_at_spaces`
+says whether the pipeline tokenized its documents in pieces (`Vocabulary.space_cut`).
 """
 
 import json
@@ -55,6 +56,8 @@ flags.DEFINE_integer("read_batches", 200, "Batches over which reading is measure
 flags.DEFINE_list("vocabularies", ["bytes", "sentencepiece"], "Vocabularies measured.")
 flags.DEFINE_integer("sentencepiece_vocab_size", 4000, "Pieces of the benchmark's model.")
 flags.DEFINE_enum("sentencepiece_model_type", "unigram", ["unigram", "bpe"], "Benchmark model type.")
+flags.DEFINE_bool("cut_unigram_at_spaces", False, "Tokenize a unigram model's documents in pieces "
+                  "cut at spaces (pipelines.sentencepiece_vocabulary.cut_unigram_at_spaces).")
 flags.DEFINE_bool("epoch_pass", True, "Also read the whole split once in evaluation mode (bytes).")
 flags.DEFINE_list("sources", ["tfds"], "Sources measured: tfds (the corpus as TFDS built it) and "
                   "files (the same books as text files, one per book; their train split is 90% of them).")
@@ -184,7 +187,8 @@ def _task(source_kind, vocabulary_name, corpus_dir):
   if vocabulary_name == "bytes":
     vocabulary = pipelines.ByteVocabulary()
   else:
-    vocabulary = pipelines.SentencePieceVocabulary(sentencepiece_model(corpus_dir))
+    vocabulary = pipelines.SentencePieceVocabulary(
+        sentencepiece_model(corpus_dir), cut_unigram_at_spaces=FLAGS.cut_unigram_at_spaces)
   return pipelines.Task(f"bench_{vocabulary_name}", source, vocabulary)
 
 
@@ -220,7 +224,8 @@ def measure(source_kind, vocabulary_name, corpus_dir) -> dict:
   def dataset():
     return pipelines.load_text_dataset(task, training=True, seed=0, **shape)
 
-  result = {"vocabulary": task.vocabulary.kind, "vocab_size": task.vocabulary.vocab_size}
+  result = {"vocabulary": task.vocabulary.kind, "vocab_size": task.vocabulary.vocab_size,
+            "documents_cut_at_spaces": bool(task.vocabulary.space_cut)}
   start = time.perf_counter()
   iterator = iter(dataset())
   next(iterator)
@@ -281,7 +286,7 @@ def main(argv):
       flags_passed = [FLAGS[name].serialize() for name in
                       ("corpus_dir", "corpus_megabytes", "book_kilobytes", "batch_size", "sequence_length",
                        "num_batches", "warmup_batches", "read_batches", "sentencepiece_vocab_size",
-                       "sentencepiece_model_type", "epoch_pass")]
+                       "sentencepiece_model_type", "cut_unigram_at_spaces", "epoch_pass")]
       process = subprocess.run([sys.executable, "-m", "meliad_tools.bench_data",
                                 f"--measure={source_kind}:{vocabulary_name}"] + flags_passed,
                                capture_output=True, text=True, check=False)

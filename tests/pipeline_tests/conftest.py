@@ -80,6 +80,46 @@ def sentencepiece_model(tmp_path_factory, small_stdlib_modules):
   return prefix + ".model"
 
 
+# SentencePiece settings and the `space_cut` the vocabulary must find for them.
+SENTENCEPIECE_SETTINGS = {
+    # meliad-vocab's: no whitespace stripping, a dummy prefix.
+    "bpe_identity_prefix": (dict(model_type="bpe", normalization_rule_name="identity",
+                                 remove_extra_whitespaces=False), "drop"),
+    "bpe_nfkc_strip_prefix": (dict(model_type="bpe", normalization_rule_name="nmt_nfkc"), "drop"),
+    "char_nfkc_cf": (dict(model_type="char", normalization_rule_name="nmt_nfkc_cf"), "drop"),
+    "bpe_identity_no_prefix": (dict(model_type="bpe", normalization_rule_name="identity",
+                                    remove_extra_whitespaces=False, add_dummy_prefix=False,
+                                    allow_whitespace_only_pieces=True), "keep"),
+    # T5's kind: cut only when asked (ties), so not by default.
+    # (Pieces of runs of spaces, as in code, make ties.)
+    "unigram_nfkc": (dict(model_type="unigram", normalization_rule_name="nmt_nfkc", vocab_size=1000,
+                          remove_extra_whitespaces=False, allow_whitespace_only_pieces=True), None),
+    # Stripping leading whitespace without a prefix loses the "▁" of the cut.
+    "bpe_strip_no_prefix": (dict(model_type="bpe", add_dummy_prefix=False), None),
+    # Pieces that span spaces (enough of them that some do).
+    "bpe_across_spaces": (dict(model_type="bpe", split_by_whitespace=False, vocab_size=1000), None),
+}
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_models(tmp_path_factory, small_stdlib_modules):
+  """{name: model path} of small models with each of SENTENCEPIECE_SETTINGS."""
+  stdlib = sysconfig.get_paths()["stdlib"]
+  lines = []
+  for name in small_stdlib_modules:
+    with open(os.path.join(stdlib, name), encoding="utf-8") as f:
+      lines.extend(f.read().splitlines())
+  directory = tmp_path_factory.mktemp("sp_settings")
+  paths = {}
+  for name, (settings, _) in SENTENCEPIECE_SETTINGS.items():
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(directory / name), **{
+            "vocab_size": 400, "pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1,
+            "byte_fallback": True, "minloglevel": 2, "num_threads": 1, **settings})
+    paths[name] = str(directory / name) + ".model"
+  return paths
+
+
 @pytest.fixture(scope="session")
 def stdlib_source(small_stdlib_modules):
   return pipelines.PythonStdlibSource(include=tuple(small_stdlib_modules))

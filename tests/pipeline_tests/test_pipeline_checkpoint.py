@@ -42,8 +42,15 @@ def test_restored_iterator_resumes_across_epochs(tmp_path):
   _assert_resumes_exactly(dataset, tmp_path, skip=30, compare=60)
 
 
-def test_restored_iterator_resumes_mid_document_sentencepiece(stdlib_source, sentencepiece_model, tmp_path):
-  task = pipelines.Task("stdlib", stdlib_source, pipelines.SentencePieceVocabulary(sentencepiece_model))
+@pytest.mark.parametrize("piece_bytes", [None, (16, 2)], ids=["pieces_of_64kB", "pieces_of_32B"])
+def test_restored_iterator_resumes_mid_document_sentencepiece(stdlib_source, sentencepiece_model, tmp_path,
+                                                              monkeypatch, piece_bytes):
+  if piece_bytes:  # A restore in the middle of a piece, and of a segment spanning pieces.
+    monkeypatch.setattr(pipelines.streams, "CUT_BYTES", piece_bytes[0])
+    monkeypatch.setattr(pipelines.streams, "PIECE_PARTS", piece_bytes[1])
+  vocab = pipelines.SentencePieceVocabulary(sentencepiece_model)
+  assert vocab.space_cut
+  task = pipelines.Task("stdlib", stdlib_source, vocab)
   dataset = pipelines.load_text_dataset(task, "train", sequence_length=32, batch_size=2)
   _assert_resumes_exactly(dataset, tmp_path, skip=17, compare=30)
 
@@ -122,15 +129,44 @@ def test_serialized_iterator_state_restores_into_a_fresh_pipeline(stdlib_source)
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_the_older_iterator_layout_reads_the_same_batches_and_restores_its_own(tmp_path):
-  source = pipelines.SyntheticSource(num_documents=6, document_length=200, num_facts=2)
-  task = pipelines.Task("synthetic", source, pipelines.RawByteVocabulary())
+@pytest.mark.parametrize("layout", [1, 2])
+def test_older_iterator_layouts_read_the_same_batches_and_restore_their_own(
+    tmp_path, stdlib_source, sentencepiece_model, monkeypatch, layout):
+  # Layout 1 differs in bytes' documents (now cut in pieces), 2 in SentencePiece's.
+  monkeypatch.setattr(pipelines.streams, "PIECE_BYTES", 64)
+  monkeypatch.setattr(pipelines.streams, "CUT_BYTES", 16)
+  monkeypatch.setattr(pipelines.streams, "PIECE_PARTS", 2)
+  if layout == 1:
+    task = pipelines.Task("stdlib", stdlib_source, pipelines.ByteVocabulary())
+  else:
+    task = pipelines.Task("stdlib", stdlib_source, pipelines.SentencePieceVocabulary(sentencepiece_model))
   shape = dict(sequence_length=32, batch_size=2, seed=5)
-  older = pipelines.load_text_dataset(task, "train", iterator_layout=1, **shape)
+  older = pipelines.load_text_dataset(task, "train", iterator_layout=layout, **shape)
   newer = pipelines.load_text_dataset(task, "train", **shape)
   for a, b in zip(older.take(30), newer.take(30)):
     for key in a:
       np.testing.assert_array_equal(a[key].numpy(), b[key].numpy(), err_msg=key)
   _assert_resumes_exactly(older, tmp_path, skip=30, compare=20)
+  # An iterator saved under the older layout does not fit the newer one.
+  iterator = iter(older)
+  next(iterator)
+  path = tf.train.Checkpoint(iterator=iterator).write(str(tmp_path / "older"))
+  with pytest.raises((tf.errors.OpError, ValueError, AssertionError)):
+    tf.train.Checkpoint(iterator=iter(newer)).read(path).assert_consumed()
   with pytest.raises(ValueError, match="iterator_layout must be one of"):
-    pipelines.load_text_dataset(task, "train", iterator_layout=3, **shape)
+    pipelines.load_text_dataset(task, "train", iterator_layout=4, **shape)
+
+
+def test_answers_are_marked_over_whole_documents_however_long(monkeypatch):
+  """A document with answers is tokenized whole (a token's mark is that of the token after it),
+  also where a byte vocabulary cuts other documents in pieces."""
+  source = pipelines.SyntheticSource(num_documents=4, document_length=200, num_facts=2)
+  task = pipelines.Task("synthetic", source, pipelines.RawByteVocabulary())
+  shape = dict(sequence_length=32, batch_size=2, seed=5)
+  whole = [to_numpy(b) for b in pipelines.load_text_dataset(task, "train", **shape).take(20)]
+  monkeypatch.setattr(pipelines.streams, "PIECE_BYTES", 64)
+  cut = [to_numpy(b) for b in pipelines.load_text_dataset(task, "train", **shape).take(20)]
+  assert sum(b["answer_mask"].sum() for b in whole) > 0
+  for a, b in zip(whole, cut):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -1,14 +1,19 @@
 """Vocabularies (ids, decode, bad input) and source details (splits, synthetic structure)."""
 
+import os
 import re
+import sysconfig
 
 import numpy as np
 
 import pytest
+import sentencepiece
 import tensorflow as tf
 
 import pipelines
+from conftest import SENTENCEPIECE_SETTINGS
 from pipeline_helpers import reconstruct, take
+from pipelines import streams
 
 
 def test_byte_vocabulary_shifts_by_three_and_keeps_undecodable_bytes():
@@ -50,6 +55,74 @@ def test_sentencepiece_replaces_undecodable_bytes_without_failing(tmp_path, sent
                                              training=False), 5)
   (document,) = reconstruct(batches, ended=True)
   assert task.vocabulary.decode(document.tokens) == "ok \ufffd\ufffd then more\n"
+
+
+# Text where a cut at a space is easy to get wrong: runs and kinds of whitespace, no-break
+# spaces, combining marks, bytes that are not UTF-8, leading and trailing spaces.
+_AWKWARD_TEXTS = [
+    b"a  b\tc \n d\xc2\xa0e f\xcc\x81 g \xcc\x81h i\xe2\x82 j caf\xc3\xa9 k\r\nl m " * 20,
+    b"   leading and trailing   ", b"", b" ", b"x y", "\u65e5\u672c a b \uff21 c".encode() * 20,
+]
+
+
+def _stdlib_texts(names):
+  stdlib = sysconfig.get_paths()["stdlib"]
+  texts = []
+  for name in names:
+    with open(os.path.join(stdlib, name), "rb") as f:
+      texts.append(f.read())
+  return texts
+
+
+def _tokens_of_parts(vocab, text, space_cut, every):
+  starts, ends = streams._space_cuts(tf.constant(text), space_cut, every)  # pylint: disable=protected-access
+  parts = tf.strings.substr(tf.constant(text), starts, ends - starts)
+  return vocab.encode_tf(parts, tf.constant(""), "test").flat_values.numpy().tolist(), len(starts)
+
+
+@pytest.mark.parametrize("setting", sorted(SENTENCEPIECE_SETTINGS))
+def test_sentencepiece_documents_are_cut_at_spaces_only_where_that_is_exact(
+    sentencepiece_models, small_stdlib_modules, setting):
+  """The model's settings decide the cut; where it cuts, the parts (cut at every space it may
+  be cut at) tokenize as the whole text does in SentencePiece's own tokenizer; where it does
+  not, cutting would have changed the tokens of some text."""
+  vocab = pipelines.SentencePieceVocabulary(sentencepiece_models[setting])
+  expected_cut = SENTENCEPIECE_SETTINGS[setting][1]
+  assert vocab.space_cut == expected_cut
+  processor = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_models[setting])
+  texts = _stdlib_texts(small_stdlib_modules) + _AWKWARD_TEXTS
+  differing, most_parts = 0, 0
+  for text in texts:
+    whole = processor.encode(text.decode("utf-8", errors="replace"))
+    cut, num_parts = _tokens_of_parts(vocab, text, expected_cut or "drop", every=1)
+    most_parts = max(most_parts, num_parts)
+    differing += cut != whole
+  assert most_parts > 500
+  if expected_cut:
+    assert differing == 0
+  else:
+    assert differing > 0
+
+
+def test_unigram_models_are_cut_when_asked(sentencepiece_models):
+  path = sentencepiece_models["unigram_nfkc"]
+  assert pipelines.SentencePieceVocabulary(path).space_cut is None
+  assert pipelines.SentencePieceVocabulary(path, cut_unigram_at_spaces=True).space_cut == "drop"
+
+
+def test_text_is_cut_after_each_multiple_at_a_space_between_visible_characters():
+  text = b"ab cd  ef\tgh ij\xc2\xa0kl mn op"
+  starts, ends = streams._space_cuts(tf.constant(text), "keep", 4)  # pylint: disable=protected-access
+  parts = [text[s:e] for s, e in zip(starts.numpy(), ends.numpy())]
+  # The first space at or after 4 that is alone between visible characters is at 12 (not 5 or
+  # 6, a run); then 19 (16), 22 (20); none after 24.
+  assert parts == [b"ab cd  ef\tgh", b" ij\xc2\xa0kl", b" mn", b" op"]
+  starts, ends = streams._space_cuts(tf.constant(text), "drop", 4)  # pylint: disable=protected-access
+  assert [text[s:e] for s, e in zip(starts.numpy(), ends.numpy())] == [
+      b"ab cd  ef\tgh", b"ij\xc2\xa0kl", b"mn", b"op"]
+  for empty_or_uncut in (b"", b"abcdefgh", b"a  b"):
+    starts, ends = streams._space_cuts(tf.constant(empty_or_uncut), "keep", 1)  # pylint: disable=protected-access
+    assert starts.numpy().tolist() == [0] and ends.numpy().tolist() == [len(empty_or_uncut)]
 
 
 @pytest.mark.parametrize("content, message", [
