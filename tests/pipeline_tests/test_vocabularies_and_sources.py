@@ -4,6 +4,7 @@ import os
 import re
 import sysconfig
 
+import gin
 import numpy as np
 
 import pytest
@@ -108,6 +109,9 @@ def test_unigram_models_are_cut_when_asked(sentencepiece_models):
   path = sentencepiece_models["unigram_nfkc"]
   assert pipelines.SentencePieceVocabulary(path).space_cut is None
   assert pipelines.SentencePieceVocabulary(path, cut_unigram_at_spaces=True).space_cut == "drop"
+  # As the programs build it from --vocab, with the gin binding the README gives.
+  gin.parse_config("pipelines.sentencepiece_vocabulary.cut_unigram_at_spaces = True")
+  assert pipelines.make_vocabulary(path).space_cut == "drop"
 
 
 def test_text_is_cut_after_each_multiple_at_a_space_between_visible_characters():
