@@ -63,14 +63,19 @@ def tree_corpus(tmp_path_factory):
   return root
 
 
+def _stdlib_lines(names, keepends):
+  stdlib = sysconfig.get_paths()["stdlib"]
+  lines = []
+  for name in names:
+    with open(os.path.join(stdlib, name), encoding="utf-8") as f:
+      lines.extend(f.read().splitlines(keepends=keepends))
+  return lines
+
+
 @pytest.fixture(scope="session")
 def sentencepiece_model(tmp_path_factory, small_stdlib_modules):
   """A 400-piece BPE model trained on small standard library modules (pad 0, eos 1, unk 2)."""
-  stdlib = sysconfig.get_paths()["stdlib"]
-  lines = []
-  for name in small_stdlib_modules:
-    with open(os.path.join(stdlib, name), encoding="utf-8") as f:
-      lines.extend(f.read().splitlines(keepends=True))
+  lines = _stdlib_lines(small_stdlib_modules, keepends=True)
   prefix = str(tmp_path_factory.mktemp("sp") / "tiny")
   sentencepiece.SentencePieceTrainer.train(
       sentence_iterator=iter(lines), model_prefix=prefix, vocab_size=400, model_type="bpe",
@@ -90,8 +95,8 @@ SENTENCEPIECE_SETTINGS = {
     "bpe_identity_no_prefix": (dict(model_type="bpe", normalization_rule_name="identity",
                                     remove_extra_whitespaces=False, add_dummy_prefix=False,
                                     allow_whitespace_only_pieces=True), "keep"),
-    # T5's kind: cut only when asked (ties), so not by default.
-    # (Pieces of runs of spaces, as in code, make ties.)
+    # T5's kind: cut only when asked, for its ties (pieces of runs of spaces, as in code,
+    # make many).
     "unigram_nfkc": (dict(model_type="unigram", normalization_rule_name="nmt_nfkc", vocab_size=1000,
                           remove_extra_whitespaces=False, allow_whitespace_only_pieces=True), None),
     # Stripping leading whitespace without a prefix loses the "▁" of the cut.
@@ -104,11 +109,7 @@ SENTENCEPIECE_SETTINGS = {
 @pytest.fixture(scope="session")
 def sentencepiece_models(tmp_path_factory, small_stdlib_modules):
   """{name: model path} of small models with each of SENTENCEPIECE_SETTINGS."""
-  stdlib = sysconfig.get_paths()["stdlib"]
-  lines = []
-  for name in small_stdlib_modules:
-    with open(os.path.join(stdlib, name), encoding="utf-8") as f:
-      lines.extend(f.read().splitlines())
+  lines = _stdlib_lines(small_stdlib_modules, keepends=False)
   directory = tmp_path_factory.mktemp("sp_settings")
   paths = {}
   for name, (settings, _) in SENTENCEPIECE_SETTINGS.items():
