@@ -215,9 +215,8 @@ def _sentencepiece_space_cut(model: bytes, cut_unigram: bool) -> Optional[str]:
   "...x▁y..." (x and y are not whitespace, so no run of whitespace is merged there), and no
   built-in normalization rule reads across the space. When no piece holds a "▁" after its
   leading run of them (the pieces of a model that puts "▁" after words do), no piece spans
-  "x▁", so BPE's merges never join the two sides and run
-  on each side in the same order as in the whole: the tokens of the whole are those of "...x"
-  followed by those of "▁y...". The second part must normalize to "▁y...": "▁" + "y..." where
+  "x▁", so BPE's merges never join the two sides and run on each side in the same order as
+  in the whole: the tokens of the whole are those of "...x" followed by those of "▁y...". The second part must normalize to "▁y...": "▁" + "y..." where
   the model adds a dummy prefix (drop the space), " y..." where it neither adds one nor strips
   leading whitespace (keep the space). A model that strips whitespace but adds no prefix would
   lose that "▁", so it is not cut.
