@@ -16,6 +16,7 @@ and `pipelines.synthetic`, `pipelines.python_stdlib`, `pipelines.text_files`,
 
 from pipelines.dataset_source import DatasetSource
 from pipelines.loss_mask import get_loss_mask_tokens
+from pipelines.resume import StreamIterator
 from pipelines.sources import IndexedSource, Source, StreamingSource, hash_split, random_access
 from pipelines.synthetic import SyntheticSource
 from pipelines.tasks import Task, get_task, is_source_name, make_source, register_task, task_names
@@ -26,9 +27,10 @@ from pipelines.vocabularies import (ByteVocabulary, RawByteVocabulary, SentenceP
                                     Vocabulary, make_vocabulary)
 
 __all__ = [
-    "ByteVocabulary", "DatasetSource", "DirectoryTreeSource", "IndexedSource", "PythonStdlibSource",
-    "RawByteVocabulary", "SentencePieceVocabulary", "Source", "StreamingSource", "SyntheticSource",
-    "Task", "TextFilesSource", "TfdsSource", "Vocabulary", "get_loss_mask_tokens", "get_task",
-    "hash_split", "is_source_name", "load_text_dataset", "make_source", "make_vocabulary",
-    "random_access", "register_task", "set_default_data_directory", "task_names",
+    "ByteVocabulary", "DatasetSource", "DirectoryTreeSource", "IndexedSource",
+    "PythonStdlibSource", "RawByteVocabulary", "SentencePieceVocabulary", "Source",
+    "StreamIterator", "StreamingSource", "SyntheticSource", "Task", "TextFilesSource",
+    "TfdsSource", "Vocabulary", "get_loss_mask_tokens", "get_task", "hash_split",
+    "is_source_name", "load_text_dataset", "make_source", "make_vocabulary", "random_access",
+    "register_task", "set_default_data_directory", "task_names",
 ]

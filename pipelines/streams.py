@@ -29,7 +29,9 @@ gives the epoch and the document), the piece and the segment it is at, a few kB,
 or tokens it has buffered. A restored iterator reads each stream's current document again,
 tokenizes its current piece (the whole document where it is not cut) and resumes at the very
 next segment. The streams are one `interleave` over the stream index, so that their functions
-are traced once, not once per stream.
+are traced once, not once per stream; tf.data restores them one after another, so
+`resume.StreamIterator` tokenizes the streams' current whole documents in parallel before a
+restore, into a table (`resume.DocumentTokens`) the pipeline looks up.
 
 Answers. Where the source's documents mark answers (`sources.ANSWERS`, as the synthetic
 fact-recall documents do), batches also hold `answer_mask` bool [B, L]: True at the positions
@@ -52,12 +54,13 @@ step.
 """
 
 import sys
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 from absl import logging
 
 from pipelines import loss_mask as loss_mask_lib
+from pipelines import resume
 from pipelines import sources as sources_lib
 from pipelines import vocabularies
 
@@ -75,9 +78,13 @@ _VERBOSE_CHARS = 60
 # allows it (`_space_cut_segments`), and is 2 for other vocabularies except that documents with
 # answers are tokenized whole (as in layout 1). A checkpoint saved under an older layout
 # continues under it (`stream_batches(iterator_layout=...)`); the batches are the same under
-# every layout but for the answer marks layout 2 set at the end of a piece (see below).
-ITERATOR_LAYOUT = 3
-ITERATOR_LAYOUTS = (1, 2, 3)
+# every layout but for the answer marks layout 2 set at the end of a piece (see below). Layout 4
+# is 3 with each stream working ahead by segments, not by blocks (see `stream_batches`).
+ITERATOR_LAYOUT = 4
+ITERATOR_LAYOUTS = (1, 2, 3, 4)
+# Segments each stream of layout 4 keeps ready: a second of batches at 64 x 4096 tokens, time
+# for the stream to tokenize its next book.
+SEGMENTS_AHEAD = 16
 
 
 def _document_order(source: sources_lib.IndexedSource, split: str, training: bool, seed: int,
@@ -131,8 +138,13 @@ def _log_document(document: Dict[str, tf.Tensor]):
 
 
 def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length: int,
-               mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]], verbose: bool):
-  """A function from one document to all its segments, every field with a leading [segments]."""
+               mask_tokens: Tuple[Tuple[int, ...], Tuple[int, ...]], verbose: bool,
+               document_tokens: Optional[resume.DocumentTokens]):
+  """A function from one document to all its segments, every field with a leading [segments].
+
+  `document_tokens`, given only for a vocabulary that takes documents whole here (not one
+  token per byte), holds the tokens of the documents a restore needs.
+  """
   token_bytes = tf.constant(vocab.token_byte_lengths())
   start_tokens, end_tokens = mask_tokens
   length = sequence_length
@@ -142,7 +154,10 @@ def _segmenter(vocab: vocabularies.Vocabulary, source_name: str, sequence_length
     first_piece = document.get("first_piece", tf.constant(True))
     if verbose:
       tf.cond(first_piece, lambda: _log_document(document), tf.no_op)
-    tokens = vocab.encode_tf(text, document_id, source_name)  # [n]
+    if document_tokens is not None:
+      tokens = document_tokens.encode(document)  # [n]
+    else:
+      tokens = vocab.encode_tf(text, document_id, source_name)  # [n]
     num_tokens = tf.size(tokens)
     num_segments = (num_tokens + length - 1) // length
     padding = num_segments * length - num_tokens
@@ -322,7 +337,8 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
     verbose: log the start of every document read.
     document_names: add `document_id`, the documents' names (strings), to the batches.
     iterator_layout: one of ITERATOR_LAYOUTS; an older one restores iterators saved by an
-      older version (layout 1 tokenizes every document whole, 2 every SentencePiece document).
+      older version (layout 1 tokenizes every document whole, 2 every SentencePiece document,
+      3 works ahead by blocks).
 
   Returns:
     A dataset of dicts: targets int32 [B, L], start_of_sequence bool [B], epoch int32 [B],
@@ -354,7 +370,10 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
                "training" if training else "evaluation", input_pipeline_id, num_input_pipelines)
 
   fields = FIELDS + (ANSWER_FIELD,) + ((NAME_FIELD,) if document_names else ())
-  segment = _segmenter(vocab, source.name, sequence_length, mask_tokens, verbose)
+  # A byte vocabulary's pieces are tokenized as fast as a table is read.
+  document_tokens = (None if vocab.one_token_per_byte else
+                     resume.DocumentTokens(source, split, vocab, replicas_per_pipeline))
+  segment = _segmenter(vocab, source.name, sequence_length, mask_tokens, verbose, document_tokens)
 
   def keep_fields(segments):
     return {key: segments[key] for key in fields if key in segments}
@@ -378,9 +397,15 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
       blocks = documents.flat_map(space_cut_segments)
     else:
       blocks = documents.flat_map(pieces).map(segment)
-    # Tokenizing the next block while the current one is consumed keeps the streams' work off
-    # the critical path of the batch; symbolic checkpoints do not save that buffer.
-    segments = blocks.map(keep_fields).prefetch(1).unbatch()
+    # Work ahead of the batches keeps the streams' tokenizing off their critical path; symbolic
+    # checkpoints do not save those buffers. Layouts 1-3 tokenize the next block ahead, which
+    # a restore then starts in every stream while the other streams are still restoring;
+    # layout 4 keeps segments ready, and tokenizes a stream's next block once its current one
+    # is being read.
+    if iterator_layout >= 4:
+      segments = blocks.map(keep_fields).unbatch().prefetch(SEGMENTS_AHEAD)
+    else:
+      segments = blocks.map(keep_fields).prefetch(1).unbatch()
     if not training:
       empty = {key: value for key, value in _empty_segment(sequence_length).items()
                if key in segments.element_spec}
@@ -401,4 +426,9 @@ def stream_batches(source: sources_lib.Source, vocab: vocabularies.Vocabulary, s
         for key, value in batch.items()}).unbatch()
   options = tf.data.Options()
   options.experimental_symbolic_checkpoint = True
-  return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
+  if document_tokens is not None:
+    # The table only spares work: the batches are the same without it.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  batches = batches.prefetch(tf.data.AUTOTUNE).with_options(options)
+  setattr(batches, resume.DOCUMENT_TOKENS_ATTRIBUTE, document_tokens)
+  return batches

@@ -515,7 +515,7 @@ def test_checkpoint_of_an_older_layout(workdir):
   old = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
                             train_state=trainer.train_state.checkpointable,
                             test_state=trainer.test_state.checkpointable,
-                            train_data=trainer.data.train_iterator)
+                            train_data=trainer.data.train_iterator._iterator)  # pylint: disable=protected-access
   tf.train.CheckpointManager(old, _checkpoint_dir(workdir), 2,
                              checkpoint_name=checkpoints.CHECKPOINT_NAME).save(4)
   before = snapshot(workdir)

@@ -229,7 +229,9 @@ class DataPositions:
   restore each host takes its own string back into its iterator.
 
   Args:
-    iterator: this host's tf.data iterator.
+    iterator: this host's `pipelines.StreamIterator` (whose bytes hold its streams' current
+      documents too, which a restore tokenizes in parallel; it also takes the bytes of a plain
+      tf.data iterator's state, as older versions saved).
     strategy: the strategy whose hosts take part.
   """
 
@@ -241,17 +243,11 @@ class DataPositions:
 
   def before_save(self):
     """Gathers every host's iterator state (a collective: every host calls it)."""
-    (state,) = self.iterator._serialize_to_tensors().values()  # pylint: disable=protected-access
-    states = distribution.gather_host_bytes(self.strategy,
-                                            tf.io.serialize_tensor(state).numpy())
-    self.variable.assign(states)
+    self.variable.assign(distribution.gather_host_bytes(self.strategy, self.iterator.serialize()))
 
   def after_restore(self):
     """Moves this host's restored position into its iterator."""
-    state = self.variable[distribution.host_index(self.strategy)]
-    (name,) = self.iterator._serialize_to_tensors()  # pylint: disable=protected-access
-    self.iterator._restore_from_tensors(  # pylint: disable=protected-access
-        {name: tf.io.parse_tensor(state, tf.variant)})
+    self.iterator.deserialize(self.variable[distribution.host_index(self.strategy)].numpy())
 
 
 @dataclasses.dataclass

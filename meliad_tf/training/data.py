@@ -54,9 +54,10 @@ class TrainingData:
 
   def _make_iterators(self):
     config = self.task_config
-    self.train_iterator = iter(self._dataset(config.train_split, self.random_seed))
-    self.test_iterator = (iter(self._dataset(config.test_split, self.random_seed + 1))
-                          if self.with_test else None)
+    self.train_iterator = pipelines.StreamIterator(
+        self._dataset(config.train_split, self.random_seed))
+    self.test_iterator = (pipelines.StreamIterator(
+        self._dataset(config.test_split, self.random_seed + 1)) if self.with_test else None)
 
   def _dataset(self, split, seed):
     return pipelines.load_text_dataset(

@@ -129,10 +129,11 @@ def test_serialized_iterator_state_restores_into_a_fresh_pipeline(stdlib_source)
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-@pytest.mark.parametrize("layout", [1, 2])
+@pytest.mark.parametrize("layout", [1, 2, 3])
 def test_older_iterator_layouts_read_the_same_batches_and_restore_their_own(
     tmp_path, stdlib_source, sentencepiece_model, monkeypatch, layout):
-  # Layout 1 differs in bytes' documents (now cut in pieces), 2 in SentencePiece's.
+  # Layout 1 differs in bytes' documents (now cut in pieces), 2 in SentencePiece's, 3 in
+  # working ahead by blocks rather than segments.
   monkeypatch.setattr(pipelines.streams, "PIECE_BYTES", 64)
   monkeypatch.setattr(pipelines.streams, "CUT_BYTES", 16)
   monkeypatch.setattr(pipelines.streams, "PIECE_PARTS", 2)
@@ -154,7 +155,7 @@ def test_older_iterator_layouts_read_the_same_batches_and_restore_their_own(
   with pytest.raises((tf.errors.OpError, ValueError, AssertionError)):
     tf.train.Checkpoint(iterator=iter(newer)).read(path).assert_consumed()
   with pytest.raises(ValueError, match="iterator_layout must be one of"):
-    pipelines.load_text_dataset(task, "train", iterator_layout=4, **shape)
+    pipelines.load_text_dataset(task, "train", iterator_layout=5, **shape)
 
 
 def test_answers_are_marked_over_whole_documents_however_long(monkeypatch):
