@@ -59,6 +59,8 @@ flags.DEFINE_enum("sentencepiece_model_type", "unigram", ["unigram", "bpe"], "Be
 flags.DEFINE_bool("cut_unigram_at_spaces", False, "Tokenize a unigram model's documents in pieces "
                   "cut at spaces (pipelines.sentencepiece_vocabulary.cut_unigram_at_spaces).")
 flags.DEFINE_bool("epoch_pass", True, "Also read the whole split once in evaluation mode (bytes).")
+flags.DEFINE_integer("iterator_layout", pipelines.streams.ITERATOR_LAYOUT,
+                     "The pipelines' iterator layout (an older one to compare).")
 flags.DEFINE_list("sources", ["tfds"], "Sources measured: tfds (the corpus as TFDS built it) and "
                   "files (the same books as text files, one per book; their train split is 90% of them).")
 flags.DEFINE_string("measure", None, "Internal: measure SOURCE:VOCABULARY in this process.")
@@ -192,27 +194,26 @@ def _task(source_kind, vocabulary_name, corpus_dir):
   return pipelines.Task(f"bench_{vocabulary_name}", source, vocabulary)
 
 
-def _checkpoint(iterator, dataset, checkpoint_dir) -> dict:
-  """Saves `iterator` mid-epoch, restores it into a fresh one, and times both."""
-  result = {}
+def _save(iterator, checkpoint_dir):
+  """Saves `iterator` mid-epoch: (timings and size, the checkpoint's path, the next 3 batches)."""
   if tf.io.gfile.exists(checkpoint_dir):
     tf.io.gfile.rmtree(checkpoint_dir)
-  try:
-    start = time.perf_counter()
-    path = tf.train.Checkpoint(iterator=iterator).write(os.path.join(checkpoint_dir, "ckpt"))
-    result["checkpoint_save_seconds"] = round(time.perf_counter() - start, 2)
-    result["checkpoint_bytes"] = _directory_bytes(checkpoint_dir)
-    uninterrupted = [next(iterator) for _ in range(3)]
-    start = time.perf_counter()
-    restored = iter(dataset())
-    tf.train.Checkpoint(iterator=restored).read(path).assert_consumed()
-    resumed = [next(restored)]
-    result["checkpoint_restore_seconds"] = round(time.perf_counter() - start, 2)
-    resumed += [next(restored) for _ in range(2)]
-    result["restore_equals_uninterrupted"] = all(map(_equal, uninterrupted, resumed))
-  finally:
-    if tf.io.gfile.exists(checkpoint_dir):
-      tf.io.gfile.rmtree(checkpoint_dir)
+  start = time.perf_counter()
+  path = tf.train.Checkpoint(iterator=iterator).write(os.path.join(checkpoint_dir, "ckpt"))
+  result = {"checkpoint_save_seconds": round(time.perf_counter() - start, 2),
+            "checkpoint_bytes": _directory_bytes(checkpoint_dir)}
+  return result, path, [next(iterator) for _ in range(3)]
+
+
+def _restore(dataset, path, uninterrupted) -> dict:
+  """Restores a fresh iterator from `path` and times it up to its first batch."""
+  start = time.perf_counter()
+  restored = pipelines.StreamIterator(dataset())
+  tf.train.Checkpoint(iterator=restored).read(path).assert_consumed()
+  resumed = [next(restored)]
+  result = {"checkpoint_restore_seconds": round(time.perf_counter() - start, 2)}
+  resumed += [next(restored) for _ in range(2)]
+  result["restore_equals_uninterrupted"] = all(map(_equal, uninterrupted, resumed))
   return result
 
 
@@ -222,12 +223,13 @@ def measure(source_kind, vocabulary_name, corpus_dir) -> dict:
   shape = dict(split="train", sequence_length=FLAGS.sequence_length, batch_size=FLAGS.batch_size)
 
   def dataset():
-    return pipelines.load_text_dataset(task, training=True, seed=0, **shape)
+    return pipelines.load_text_dataset(task, training=True, seed=0,
+                                       iterator_layout=FLAGS.iterator_layout, **shape)
 
   result = {"vocabulary": task.vocabulary.kind, "vocab_size": task.vocabulary.vocab_size,
             "documents_cut_at_spaces": bool(task.vocabulary.space_cut)}
   start = time.perf_counter()
-  iterator = iter(dataset())
+  iterator = pipelines.StreamIterator(dataset())
   next(iterator)
   result["first_batch_seconds"] = round(time.perf_counter() - start, 2)
   for _ in range(FLAGS.warmup_batches):
@@ -249,12 +251,18 @@ def measure(source_kind, vocabulary_name, corpus_dir) -> dict:
     result["read_bytes_per_text_byte"] = round((_read_bytes() - read_before) / text_bytes, 3)
     result["read_window_text_bytes"] = text_bytes
 
+  checkpoint_dir = os.path.join(corpus_dir, f"checkpoint_{source_kind}_{vocabulary_name}")
   try:
-    result.update(_checkpoint(iterator, dataset,
-                              os.path.join(corpus_dir, f"checkpoint_{source_kind}_{vocabulary_name}")))
+    saved, path, uninterrupted = _save(iterator, checkpoint_dir)
+    # A resumed run has no other pipeline: the saved one's threads stop before the restore.
+    del iterator
+    time.sleep(2)
+    result.update(saved, **_restore(dataset, path, uninterrupted))
   except tf.errors.OpError as e:
     result["checkpoint_error"] = e.message.splitlines()[0]
-  del iterator
+  finally:
+    if tf.io.gfile.exists(checkpoint_dir):
+      tf.io.gfile.rmtree(checkpoint_dir)
 
   if source_kind == "tfds" and vocabulary_name == "bytes" and FLAGS.epoch_pass:
     read_before, start, text_bytes = _read_bytes(), time.perf_counter(), 0
@@ -286,7 +294,8 @@ def main(argv):
       flags_passed = [FLAGS[name].serialize() for name in
                       ("corpus_dir", "corpus_megabytes", "book_kilobytes", "batch_size", "sequence_length",
                        "num_batches", "warmup_batches", "read_batches", "sentencepiece_vocab_size",
-                       "sentencepiece_model_type", "cut_unigram_at_spaces", "epoch_pass")]
+                       "sentencepiece_model_type", "cut_unigram_at_spaces", "epoch_pass",
+                       "iterator_layout")]
       process = subprocess.run([sys.executable, "-m", "meliad_tools.bench_data",
                                 f"--measure={source_kind}:{vocabulary_name}"] + flags_passed,
                                capture_output=True, text=True, check=False)
