@@ -59,9 +59,10 @@ class DocumentTokens:
       return tokens
 
     # A serialized tensor, even an empty one, is never the empty string.
-    return tf.cond(tf.strings.length(serialized) > 0, parse,
-                   lambda: self.vocab.encode_tf(document["text"], document["document_id"],
-                                                self.source.name))
+    return tf.cond(tf.strings.length(serialized) > 0, parse, lambda: self._tokenize(document))
+
+  def _tokenize(self, document) -> tf.Tensor:
+    return self.vocab.encode_tf(document["text"], document["document_id"], self.source.name)
 
   def fill(self, document_indices: np.ndarray) -> None:
     """Reads and tokenizes the documents (indices < 0 are none) in parallel into the table."""
@@ -70,9 +71,8 @@ class DocumentTokens:
       return
 
     def tokenize(index):
-      return self.source.document(self.split, index).map(lambda document: (
-          index, tf.io.serialize_tensor(self.vocab.encode_tf(
-              document["text"], document["document_id"], self.source.name))))
+      return self.source.document(self.split, index).map(
+          lambda document: (index, tf.io.serialize_tensor(self._tokenize(document))))
 
     keys, values = [], []
     tokenized = tf.data.Dataset.from_tensor_slices(indices).interleave(
@@ -88,10 +88,6 @@ class DocumentTokens:
     if self._filled.size:
       self._table.remove(tf.constant(self._filled))
       self._filled = np.zeros([0], np.int64)
-
-
-def _proto_dtype(data: bytes) -> int:
-  return tensor_pb2.TensorProto.FromString(data).dtype
 
 
 class StreamIterator(tf.train.experimental.PythonState):
@@ -130,9 +126,6 @@ class StreamIterator(tf.train.experimental.PythonState):
         self._empty_after_next = False
     return batch
 
-  def get_next(self):
-    return self.__next__()
-
   def _iterator_state(self) -> tf.Tensor:
     (state,) = self._iterator._serialize_to_tensors().values()  # pylint: disable=protected-access
     return state
@@ -144,7 +137,7 @@ class StreamIterator(tf.train.experimental.PythonState):
         tf.io.serialize_tensor(tf.constant(documents, tf.int32)).numpy()])).numpy()
 
   def deserialize(self, data: bytes) -> None:
-    if _proto_dtype(data) == types_pb2.DT_VARIANT:  # a plain iterator's state
+    if tensor_pb2.TensorProto.FromString(data).dtype == types_pb2.DT_VARIANT:  # a plain iterator's state
       state, documents = data, np.zeros([0], np.int32)
     else:
       state, documents = tf.io.parse_tensor(data, tf.string).numpy()

@@ -15,10 +15,10 @@ def _unigram_task(stdlib_source, sentencepiece_models):
   return pipelines.Task("stdlib", stdlib_source, vocab)
 
 
-def _dataset(task, replicas=1, **options):
+def _dataset(task, replicas=1):
   return pipelines.streams.stream_batches(
       task.source, task.vocabulary, "train", sequence_length=16, batch_size=2, training=True,
-      seed=3, replicas_per_pipeline=replicas, **options)
+      seed=3, replicas_per_pipeline=replicas)
 
 
 def _assert_equal(expected, actual):
