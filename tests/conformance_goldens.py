@@ -187,27 +187,29 @@ def _memorizing_model_inputs():
 
 
 def _decode_inputs(module_factory, positions):
-  """x [B, 1, E], a random decode state shaped as the layer's, positions, and for a memory
-  layer a memory."""
+  """x [B, 1, E], random token and boundary states shaped as the layer's, and positions."""
   module = module_factory()
   zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), module.state_spec(BATCH))
-  decode_state, memory = module.init_decode_state(zeros, tf.constant([True, False]), LENGTH)
-  decode_state = tf.nest.map_structure(
-      lambda t: tf.random.stateless_normal(t.shape, seed=[14, 15], dtype=t.dtype), decode_state)
+  token_state, boundary_state = module.init_decode_state(zeros, tf.constant([True, False]),
+                                                         LENGTH)
+  token_state = tf.nest.map_structure(
+      lambda t: tf.random.stateless_normal(t.shape, seed=[14, 15], dtype=t.dtype), token_state)
+  if module.memory is not None:
+    # A random memory, and its empty slots as the decoder derives them.
+    memory = _random_state(module.memory.state_spec(BATCH), [18, 19])
+    boundary_state = {"memory": memory, "empty_slots": module.memory.empty_slots(memory)}
+  else:
+    boundary_state = tf.nest.map_structure(
+        lambda t: tf.random.stateless_normal(t.shape, seed=[18, 19], dtype=t.dtype),
+        boundary_state)
   x = tf.random.stateless_normal([BATCH, 1, EMBED], seed=[16, 17])
-  if memory is None:
-    return x, decode_state, tf.constant(positions)
-  return x, decode_state, tf.constant(positions), _random_state(
-      module.memory.state_spec(BATCH), [18, 19])
+  return x, token_state, boundary_state, tf.constant(positions)
 
 
-def _decode_call(module, x, decode_state, position, memory=None):
-  """A decoding step; for a memory layer also the write of the calls that end with it."""
-  y, new_state = module.decode_step(x, decode_state, position, memory=memory)
-  if memory is None:
-    return y, new_state
-  ended = tf.equal((position + 1) % LENGTH, 0)
-  return y, new_state, module.write_decoded_call(new_state, memory, ended)
+def _decode_call(module, x, token_state, boundary_state, position):
+  """A decoding step, then the boundaries it ends (a block, a call's memory write)."""
+  y, new_state = module.decode_step(x, token_state, boundary_state, position)
+  return y, new_state, module.end_boundaries(new_state, boundary_state, position, LENGTH)
 
 
 GOLDENS = [

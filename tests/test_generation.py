@@ -121,13 +121,13 @@ def assert_decode_state_is_the_forward_state(decode_state, state):
   layer's last W keys and values, recurrent state, and memory slot by slot."""
   for key, layer_state in state.items():
     decoded = decode_state["layers"][key]
+    boundary = decode_state["boundaries"].get(key, {})
     window = layer_state["keys"].shape[1]
     expected = dict(keys=layer_state["keys"], values=layer_state["values"])
     actual = dict(keys=decoded["keys"][:, -window:], values=decoded["values"][:, -window:])
-    if "recurrent" in layer_state:
-      expected["recurrent"], actual["recurrent"] = layer_state["recurrent"], decoded["recurrent"]
-    if "memory" in layer_state:
-      expected["memory"], actual["memory"] = layer_state["memory"], decode_state["memories"][key]
+    for name in ("recurrent", "memory"):
+      if name in layer_state:
+        expected[name], actual[name] = layer_state[name], boundary[name]
     tf.nest.map_structure(
         lambda a, e: np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-4, atol=1e-5,
                                                 err_msg=key), actual, expected)

@@ -189,8 +189,13 @@ class ExternalMemory:
     return {"keys": keys, "values": values,
             "index": tf.where(start, tf.zeros_like(state["index"]), state["index"])}
 
+  def empty_slots(self, state):
+    """bool [B, H, N]: the slots of each stream's memory that hold no entry (see the
+    module's `empty_slots`)."""
+    return empty_slots(tf.stop_gradient(state["keys"]))
+
   @scopes.scoped("search")
-  def search(self, state, queries, num_neighbors):
+  def search(self, state, queries, num_neighbors, empty=None):
     """Slots and scores of the K neighbours of each query, on device.
 
     The database is scored `search_chunk_size` slots at a time, keeping the best K so
@@ -204,6 +209,7 @@ class ExternalMemory:
       state: the memory state.
       queries: [B, n, H, d] normalised queries.
       num_neighbors: K.
+      empty: optional `empty_slots(state)`, when already computed.
     Returns:
       (slots int32 [B, H, n, K], scores float32 [B, H, n, K]): the neighbours' slots and
       their dot products with the query (EMPTY_SLOT_SCORE for an empty slot).
@@ -221,7 +227,22 @@ class ExternalMemory:
       block = tf.slice(keys, [0, 0, start, 0],
                        [batch_size, num_heads, chunk, key_size])  # [B, H, c, d]
       scores = tf.cast(tf.einsum("bhqd,bhsd->bhqs", queries, block), tf.float32)
-      return scores + tf.where(empty_slots(block), EMPTY_SLOT_SCORE, 0.0)[:, :, None, :]
+      empty_block = (empty_slots(block) if empty is None else
+                     tf.slice(empty, [0, 0, start], [batch_size, num_heads, chunk]))
+      return scores + tf.where(empty_block, EMPTY_SLOT_SCORE, 0.0)[:, :, None, :]
+
+    select = ((lambda x: tf.math.top_k(x, num_neighbors, sorted=False))
+              if self.backend == "exact" else
+              (lambda x: tf.math.approx_max_k(x, num_neighbors,
+                                              recall_target=self.recall_target)))
+    if chunk == self.database_size:
+      # The database in one chunk (a decoding step's query): nothing to carry in a loop.
+      scores = chunk_scores(0)
+      if self.backend == "bucketed":
+        rows = tf.reshape(scores, best_shape[:-1] + [chunk // num_neighbors, num_neighbors])
+        return bucketed_top_k(rows), tf.reduce_max(rows, axis=-2)
+      scores, slots = select(scores)
+      return slots, scores
 
     if self.backend == "bucketed":
       def body(i, best_scores, best_slots):
@@ -233,11 +254,6 @@ class ExternalMemory:
         better = scores > best_scores
         return i + 1, tf.where(better, scores, best_scores), tf.where(better, slots, best_slots)
     else:
-      select = ((lambda x: tf.math.top_k(x, num_neighbors, sorted=False))
-                if self.backend == "exact" else
-                (lambda x: tf.math.approx_max_k(x, num_neighbors,
-                                                recall_target=self.recall_target)))
-
       def body(i, best_scores, best_slots):
         scores = tf.concat([best_scores, chunk_scores(i * chunk)], axis=-1)  # [.., K + c]
         slots = tf.concat([best_slots, tf.broadcast_to(i * chunk + tf.range(chunk),
@@ -356,7 +372,7 @@ class ExternalMemory:
     return self.gather(state, self.search(state, queries, num_neighbors)[0])
 
   @scopes.scoped("attend")
-  def attend(self, state, queries, slots, scores=None, scale=None):
+  def attend(self, state, queries, slots, scores=None, scale=None, empty=None):
     """Attention of each query over its K neighbours: softmax over K, no bias, no mask.
 
     Meliad's logits are q . k_i of the retrieved keys, times the layer's scale. When the
@@ -371,6 +387,7 @@ class ExternalMemory:
       slots: [B, H, n, K] neighbours.
       scores: optional float32 [B, H, n, K] from `search`.
       scale: optional [H], the layer's learned attention scale.
+      empty: optional `empty_slots(state)`, when already computed.
     Returns:
       [B, n, H, d] in the dtype of the stored values.
     """
@@ -381,7 +398,8 @@ class ExternalMemory:
                          tf.cast(self._gather(keys, slots), queries.dtype))
     else:
       # An empty neighbour's key is zero: logit 0, as Meliad's zero rows give.
-      scores = tf.where(tf.gather(empty_slots(keys), slots, batch_dims=2), 0.0, scores)
+      empty = self.empty_slots(state) if empty is None else empty
+      scores = tf.where(tf.gather(empty, slots, batch_dims=2), 0.0, scores)
       logits = _logits_from_scores(heads_first, scores, lambda: self._gather(keys, slots))
     logits = tf.cast(logits, tf.float32)
     if scale is not None:
@@ -447,8 +465,13 @@ def bucketed_top_k(rows, first_row=0):
   Returns:
     int32 [..., K]: the chosen slot of bucket c at position c.
   """
-  num_neighbors = rows.shape[-1]
-  best_row = tf.argmax(rows, axis=-2, output_type=tf.int32) + first_row  # [..., K]
+  num_rows, num_neighbors = rows.shape[-2:]
+  # The lowest row holding each column's maximum: two plain reductions, which XLA vectorises
+  # on CPU, where an argmax (a reduction of value and index pairs) runs element by element
+  # (three times slower for one token's search of an 8k memory).
+  row_index = tf.range(num_rows)[:, None]  # [R, 1]
+  at_max = tf.equal(rows, tf.reduce_max(rows, axis=-2, keepdims=True))
+  best_row = tf.reduce_min(tf.where(at_max, row_index, num_rows), axis=-2) + first_row
   return best_row * num_neighbors + tf.range(num_neighbors)
 
 

@@ -244,25 +244,27 @@ class DecoderStack(tf.Module):
       state: the model state (`state_spec`) the previous segment left.
       start_of_sequence: bool [B]; the streams whose document starts with the next token.
     Returns:
-      {"layers": every layer's decode state (see `TransformerLayer.init_decode_state`),
-      "memories": the memory layers' memories, and under block feedback "feedback": the
-      (keys, values) [B, S, H, d] of the recurrent state entering the current chunk}.
+      {"layers": every layer's token state, "boundaries": the boundary states of the layers
+      that have one (see `TransformerLayer.init_decode_state`), and under block feedback
+      "feedback": the (keys, values) [B, H, S, d] of the recurrent state entering the
+      current chunk}. A decoding step changes the token states only; `end_boundaries`
+      changes the rest.
     """
-    layers, memories = {}, {}
+    layers, boundaries = {}, {}
     for i, layer in enumerate(self.layers):
       key = f"layer_{i}"
-      layers[key], memory = layer.init_decode_state(state.get(key, {}), start_of_sequence,
-                                                    self.chunk_length)
-      if memory is not None:
-        memories[key] = memory
-    decode_state = {"layers": layers, "memories": memories}
+      layers[key], boundary = layer.init_decode_state(state.get(key, {}), start_of_sequence,
+                                                      self.chunk_length)
+      if boundary:
+        boundaries[key] = boundary
+    decode_state = {"layers": layers, "boundaries": boundaries}
     if self.feedback:
-      decode_state["feedback"] = self._feedback_kv(layers)
+      decode_state["feedback"] = self._feedback_kv(boundaries)
     return decode_state
 
-  def _feedback_kv(self, layer_decode_states):
+  def _feedback_kv(self, boundaries):
     """Block feedback's keys and values: those of the last recurrent layer's state."""
-    recurrent = layer_decode_states[f"layer_{self.recurrent_layer_indices[-1]}"]
+    recurrent = boundaries[f"layer_{self.recurrent_layer_indices[-1]}"]
     return recurrent["state_keys"], recurrent["state_values"]
 
   def decode_step(self, tokens, position, decode_state):
@@ -273,52 +275,53 @@ class DecoderStack(tf.Module):
       tokens: int32 [B].
       position: int32 [B], each token's index in its document; streams may be at different
         positions, and must have started decoding at a segment boundary.
-      decode_state: from `init_decode_state` or the previous step.
+      decode_state: from `init_decode_state`, a previous step or `end_boundaries`.
     Returns:
-      (logits float32 [B, V], the new decode state). Its "memories" are the ones given:
-      memories are written by `write_memories`, apart, so that a compiled step does not
-      return (and copy) them with every token.
+      (logits float32 [B, V], the new token states "layers"). The rest of the decode state
+      changes only where a block or call ends, in `end_boundaries`.
     """
     x = self.embed(tokens[:, None], position % self.task_config.sequence_length)
-    memories = decode_state["memories"]
+    boundaries = decode_state["boundaries"]
     feedback_kv = decode_state.get("feedback")
     layers = {}
     for i, layer in enumerate(self.layers):
       key = f"layer_{i}"
       x, layers[key] = layer.decode_step(
-          x, decode_state["layers"][key], position, memory=memories.get(key),
+          x, decode_state["layers"][key], boundaries.get(key, {}), position,
           cross_attention_kv=feedback_kv if layer.cross_attention else None)
-    new_state = {"layers": layers, "memories": memories}
+    return self.logits(x)[:, 0], layers
+
+  def ends_boundary(self, position, write_memory=True):
+    """bool [B]: whether the token at `position` ends a block or call after which
+    `end_boundaries` changes some state (a recurrent state, a memory, when written, or the
+    fed-back state)."""
+    ended = tf.zeros(position.shape, tf.bool)
+    for layer in self.layers:
+      ended |= layer.ends_boundary(position, self.chunk_length, write_memory)
+    return ended
+
+  def end_boundaries(self, decode_state, position, write_memory=True):
+    """The decode state after the token at `position` for the streams whose block or call
+    (segment or chunk) it ends, as the forward pass has it: recurrent states moved on,
+    memories written (if `write_memory`) and, at a chunk's end, the fed-back state.
+
+    Args:
+      decode_state: with the token states after the `decode_step` of the tokens at
+        `position` (int32 [B]).
+      position: int32 [B].
+      write_memory: bool scalar; False leaves the memories as they are.
+    Returns:
+      The decode state with new "boundaries" (and "feedback").
+    """
+    boundaries = {
+        key: self.layers[int(key[len("layer_"):])].end_boundaries(
+            decode_state["layers"][key], boundary, position, self.chunk_length, write_memory)
+        for key, boundary in decode_state["boundaries"].items()}
+    new_state = dict(decode_state, boundaries=boundaries)
     if self.feedback:
       # The next chunk's tokens see the state its first token enters with.
       chunk_ended = tf.equal((position + 1) % self.chunk_length, 0)[:, None, None, None]
       new_state["feedback"] = tuple(
           tf.where(chunk_ended, new, old)
-          for new, old in zip(self._feedback_kv(layers), feedback_kv))
-    return self.logits(x)[:, 0], new_state
-
-  def write_memories(self, decode_state, position, write=True):
-    """Writes to the memories what the forward pass writes after the token at `position`.
-
-    Args:
-      decode_state: after the `decode_step` of the tokens at `position` (int32 [B]).
-      position: int32 [B].
-      write: bool scalar; False leaves the memories as they are.
-    Returns:
-      The decode state with the memories of the streams whose call (segment or chunk)
-      ended with that token written, as the segment step writes them.
-    """
-    ended = tf.equal((position + 1) % self.chunk_length, 0) & write
-    memories = dict(decode_state["memories"])
-    for i, layer in enumerate(self.layers):
-      key = f"layer_{i}"
-      if key not in memories:
-        continue
-      memory, layer_state = memories[key], decode_state["layers"][key]
-      # Once per call per stream: the other steps pass the memory through.
-      memories[key] = tf.cond(
-          tf.reduce_any(ended),
-          lambda layer=layer, state=layer_state, memory=memory:
-              layer.write_decoded_call(state, memory, ended),
-          lambda memory=memory: memory)
-    return dict(decode_state, memories=memories)
+          for new, old in zip(self._feedback_kv(boundaries), decode_state["feedback"]))
+    return new_state

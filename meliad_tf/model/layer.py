@@ -27,6 +27,11 @@ ROTARY_WAVELENGTH = 10000
  _SEED_POST_FFN) = range(5)
 
 
+def heads_first(x):
+  """[B, n, H, d] <-> [B, H, n, d]."""
+  return tf.transpose(x, [0, 2, 1, 3])
+
+
 def projection_mlp(**kwargs):
   """Default output projection: one dense matmul (base_htrans.gin's transformer_attn MLP)."""
   return mlp.MLP(num_layers=1, hidden_activation=None, **kwargs)
@@ -163,9 +168,11 @@ class TransformerBase(tf.Module):
     projections = [self.keys_layer, self.values_layer, self.queries_layer]
     if self.queries2_layer is not None:
       projections.append(self.queries2_layer)
-    if self.fuse_projections:
+    if self.fuse_projections and x.shape[-2] != 1:
       # One product with the kernels side by side: on CPU a wider matmul runs nearer the
       # peak, and the backward pass gets one product per gradient instead of one per kernel.
+      # Not for one token per stream (a decoding step), where putting the kernels side by
+      # side would cost more than the products.
       kernel = tf.concat([tf.cast(p.kernel, self.dtype) for p in projections], axis=1)
       outputs = tf.split(tf.matmul(h, kernel), len(projections), axis=-1)
     else:
@@ -520,7 +527,7 @@ class TransformerLayer(tf.Module):
 
   @scopes.scoped("memory")
   def read_memory(self, attn, queries, state, neighbors=None, diagnostics=None,
-                  attention_queries=None):
+                  attention_queries=None, empty=None):
     """Mixes local attention with attention over each query's K neighbours in memory.
 
     The memory is only read: on a segment the caller resets and writes around it; a
@@ -535,17 +542,20 @@ class TransformerLayer(tf.Module):
       diagnostics: optional dict for the mean gate.
       attention_queries: [B, n, H, d], the queries that attend over the neighbours when
         they are not those that found them (rotated ones, with rotary positions).
+      empty: optional `ExternalMemory.empty_slots(state)`, when already computed (a
+        decoder reads the same memory for a whole call).
     Returns:
       (1 - g) * attn + g * memory attention, [B, n, H, d], with g = sigmoid(bias) per head.
     """
     scores = None
     if neighbors is None:
-      neighbors, scores = self.memory.search(state, queries, self.memory_num_neighbors)
+      neighbors, scores = self.memory.search(state, queries, self.memory_num_neighbors,
+                                             empty=empty)
     if attention_queries is not None:
       # The search's scores are those of the other queries: the logits are recomputed.
       queries, scores = attention_queries, None
     external = self.memory.attend(state, queries, neighbors, scores,
-                                  scale=self.tbase.attention_scale)
+                                  scale=self.tbase.attention_scale, empty=empty)
     gate = tf.sigmoid(self.external_memory_bias)  # [H]
     if diagnostics is not None:
       diagnostics["memory_gate"] = tf.reduce_mean(gate)
@@ -588,23 +598,30 @@ class TransformerLayer(tf.Module):
     """This layer's decode state for a call of the layer (a segment, or a chunk of the
     stack) decoded one token at a time, from the state the previous call left.
 
+    The state comes in two parts. The token state changes with every token and is what a
+    decoding step returns. The boundary state changes only where a block or a call ends
+    (`end_boundaries`); a decoding step only reads it, so that a compiled step neither
+    returns nor copies it (a memory is hundreds of MB) with every token.
+
     Args:
       state: this layer's part of the model state (see `state_spec`).
       start_of_sequence: bool [B]; the streams whose document starts with the call.
       call_length: tokens per call (the segment, or the stack's chunk); the memory is read
         and written once per call, as the segment step does.
     Returns:
-      (decode state, memory): the decode state holds
-        "keys", "values": the keys and values of the previous tokens, oldest first, zeros
-          at a document start: [B, W, H, d], or [B, 2W, H, d] for a recurrent layer, whose
-          state update at the end of a block reads the block and the window before it;
-        for a memory layer, "pending_keys", "pending_values" [B, call_length, H, d]: those
-          of the call's tokens so far, written to the memory when the call completes;
+      (token state, boundary state). The token state holds "keys", "values": the keys and
+        values of the previous tokens, oldest first, zeros at a document start, [B, W, H, d]
+        or, for a memory layer, [B, max(W, call_length), H, d]: the memory is written with
+        the last call_length of them when a call completes.
+      The boundary state (empty for a layer with neither a memory nor a recurrent state)
+      holds
+        for a memory layer, "memory" (reset where a document starts) and, for a memory
+          searched on device, "empty_slots" (bool [B, H, N], see `memory.empty_slots`);
         for a recurrent layer, "recurrent" [B, S, E], the state entering the current block
-          (the learned initial state at a document start), and "state_keys",
-          "state_values" [B, S, H, d], its keys and values, which the tokens attend to.
-      The memory (reset where a document starts), or None for a layer without one, is
-      kept apart: a decoding step only reads it (`write_decoded_call` writes it).
+          (the learned initial state at a document start), "state_keys", "state_values"
+          [B, H, S, d], its keys and values heads first, which the tokens attend to, and
+          "previous_keys", "previous_values" [B, W, H, d], those of the window before the
+          block, which the state update at the block's end reads with the block's own.
     Raises:
       ValueError: for a layer without the XL cache, which has no one-token step.
     """
@@ -612,72 +629,85 @@ class TransformerLayer(tf.Module):
       raise ValueError(f"{self.name}: decoding one token at a time needs the XL cache "
                        "(TransformerLayer.use_long_xl_architecture = True)")
     keys, values = self._load_cache(state, start_of_sequence)
-    if self.recurrent is not None:
-      keys = tf.concat([tf.zeros_like(keys), keys], axis=1)
-      values = tf.concat([tf.zeros_like(values), values], axis=1)
-    decode_state = {"keys": keys, "values": values}
-    memory = None
+    token_state, boundary_state = {"keys": keys, "values": values}, {}
     if self.memory is not None:
       memory = state["memory"]
       if self.memory_reset_on_new_doc:
         memory = self.memory.reset(memory, start_of_sequence)
-      pending = tf.zeros([keys.shape[0], call_length] + keys.shape.as_list()[2:], keys.dtype)
-      decode_state.update(pending_keys=pending, pending_values=pending)
+      boundary_state.update(self._memory_boundary_state(memory))
+      if call_length > self.window_length:
+        # Rows that the call's own tokens replace before its write reads them.
+        unread = tf.zeros([keys.shape[0], call_length - self.window_length]
+                          + keys.shape.as_list()[2:], keys.dtype)
+        token_state = {"keys": tf.concat([unread, keys], axis=1),
+                       "values": tf.concat([unread, values], axis=1)}
     if self.recurrent is not None:
-      recurrent_state = self.recurrent.load(start_of_sequence, state["recurrent"])
-      state_keys, state_values = self.recurrent.kv(recurrent_state)
-      decode_state.update(recurrent=recurrent_state, state_keys=state_keys,
-                          state_values=state_values)
-    return decode_state, memory
+      boundary_state.update(
+          self._recurrent_boundary_state(
+              self.recurrent.load(start_of_sequence, state["recurrent"])),
+          previous_keys=keys, previous_values=values)
+    return token_state, boundary_state
 
-  def decode_step(self, x, state, position, memory=None, cross_attention_kv=None):
+  def _memory_boundary_state(self, memory):
+    if self.memory.searches_on_host:
+      return {"memory": memory}
+    return {"memory": memory, "empty_slots": self.memory.empty_slots(memory)}
+
+  def _recurrent_boundary_state(self, recurrent_state):
+    state_keys, state_values = self.recurrent.kv(recurrent_state)
+    return {"recurrent": recurrent_state, "state_keys": heads_first(state_keys),
+            "state_values": heads_first(state_values)}
+
+  def decode_step(self, x, token_state, boundary_state, position, cross_attention_kv=None):
     """One token per stream through the layer: what `__call__` computes for that token.
 
     The same attention code as the segment step: the sliding window (in blocks of one
-    query), the memory's search, attention and gate, the recurrent cell's update and the
-    cross attention to a state. A recurrent layer moves its state on when a block ends,
-    as the segment step does; a memory layer collects the call's keys and values for
-    `write_decoded_call`.
+    query), the memory's search, attention and gate, and the cross attention to a state.
+    The boundary state is only read: `end_boundaries` moves a recurrent state on when a
+    block ends and writes a memory when a call ends, as the segment step does.
 
     Args:
       x: [B, 1, E], the token's input to this layer.
-      state: the decode state (`init_decode_state`, or the previous step's).
+      token_state: from `init_decode_state` or the previous step.
+      boundary_state: from `init_decode_state` or `end_boundaries`.
       position: int32 [B], each token's index in its document (segments, chunks and blocks
         start at multiples of their lengths).
-      memory: a memory layer's memory, read only.
-      cross_attention_kv: for a `cross_attention` layer, the (keys, values) [B, S, H, d]
-        of the recurrent state entering the current chunk.
+      cross_attention_kv: for a `cross_attention` layer, the (keys, values) [B, H, S, d],
+        heads first, of the recurrent state entering the current chunk.
     Returns:
-      (y [B, 1, E], the new decode state).
+      (y [B, 1, E], the new token state).
     """
     keys, values, queries, queries2 = self.tbase.kvq(x)  # [B, 1, H, d] each
     window = self.window_length
-    attn = self._local_attention(queries, keys, values, state["keys"][:, -window:],
-                                 state["values"][:, -window:], block_length=1)
-    new_state = {"keys": tf.concat([state["keys"][:, 1:], keys], axis=1),
-                 "values": tf.concat([state["values"][:, 1:], values], axis=1)}
+    attn = self._local_attention(queries, keys, values, token_state["keys"][:, -window:],
+                                 token_state["values"][:, -window:], block_length=1)
+    new_state = {"keys": tf.concat([token_state["keys"][:, 1:], keys], axis=1),
+                 "values": tf.concat([token_state["values"][:, 1:], values], axis=1)}
     if self.memory is not None:
-      attn = self._read_memory_for_token(attn, queries, memory, position)
-      call_length = state["pending_keys"].shape[1]
-      current = tf.one_hot(position % call_length, call_length, on_value=True,
-                           off_value=False)[:, :, None, None]  # [B, call_length, 1, 1]
-      new_state["pending_keys"] = tf.where(current, keys, state["pending_keys"])
-      new_state["pending_values"] = tf.where(current, values, state["pending_values"])
+      attn = self._read_memory_for_token(attn, queries, boundary_state, position)
     cross_attn = None
     if self.recurrent is not None:
-      cross_attn = recurrence.attend_to_state(queries2, state["state_keys"],
-                                              state["state_values"],
-                                              scale=self.tbase.attention_scale2,
-                                              written_gradient=self.written_gradient)
-      new_state.update(self._end_blocks(state, new_state["keys"], new_state["values"],
-                                        tf.equal((position + 1) % window, 0)))
+      cross_attn = self._attend_to_state_for_token(
+          queries2, boundary_state["state_keys"], boundary_state["state_values"])
     elif self.cross_attention:
-      cross_attn = self._feedback_attention(queries2, cross_attention_kv)
+      if cross_attention_kv is None:
+        raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
+                         "called without cross_attention_kv")
+      cross_attn = self._attend_to_state_for_token(queries2, *cross_attention_kv)
     return self.tbase.post_attn_ffn(x, attn, cross_attn), new_state
 
-  def _read_memory_for_token(self, attn, queries, memory, position):
+  @scopes.scoped("cross_attention")
+  def _attend_to_state_for_token(self, queries2, state_keys, state_values):
+    """`recurrence.attend_to_state` for one token per stream, against heads-first keys and
+    values [B, H, S, d] (the decode state keeps them so: no transpose per token)."""
+    out = attention.attend_heads_first(heads_first(queries2), state_keys, state_values,
+                                       scale=self.tbase.attention_scale2)
+    return heads_first(out)
+
+  def _read_memory_for_token(self, attn, queries, boundary_state, position):
     """`read_memory` for one token per stream, its query rotated by its position in the
     window with rotary positions (as `_memory_attention` rotates a segment's)."""
+    memory = boundary_state["memory"]
     neighbors = None
     if self.memory.searches_on_host:
       neighbors = self.memory.host_lookup(memory, queries, self.memory_num_neighbors, "test")
@@ -686,37 +716,80 @@ class TransformerLayer(tf.Module):
       attention_queries = positions.rotate_at(queries, position % self.window_length,
                                               self.window_length, self._rotary_wavelength)
     return self.read_memory(attn, queries, memory, neighbors,
-                            attention_queries=attention_queries)
+                            attention_queries=attention_queries,
+                            empty=boundary_state.get("empty_slots"))
 
-  def _end_blocks(self, state, window_keys, window_values, ended):
-    """The recurrent state, its keys and values, moved on for the streams whose block ended
-    (bool [B]) with the keys and values [B, 2W, H, d] of the block and the window before."""
-    previous = (state["recurrent"], state["state_keys"], state["state_values"])
+  def ends_boundary(self, position, call_length, write_memory=True):
+    """bool [B]: whether the token at `position` ends a block of this recurrent layer or a
+    call of this memory layer (counted when `write_memory`), after which `end_boundaries`
+    changes its boundary state."""
+    ended = tf.zeros(position.shape, tf.bool)
+    if self.recurrent is not None:
+      ended |= tf.equal((position + 1) % self.window_length, 0)
+    if self.memory is not None:
+      ended |= tf.equal((position + 1) % call_length, 0) & write_memory
+    return ended
 
-    def update():
-      recurrent_state = self.recurrent.step_where(ended, state["recurrent"], window_keys,
-                                                  window_values)
-      state_keys, state_values = self.recurrent.kv(recurrent_state)
-      rows = ended[:, None, None, None]
-      return (recurrent_state, tf.where(rows, state_keys, state["state_keys"]),
-              tf.where(rows, state_values, state["state_values"]))
-
-    # Once per block per stream: the other steps skip the cell.
-    updated = tf.cond(tf.reduce_any(ended), update, lambda: previous)
-    return dict(zip(("recurrent", "state_keys", "state_values"), updated))
-
-  def write_decoded_call(self, state, memory, ended):
-    """Writes the call's keys and values to the memory of the streams in `ended` (bool [B],
-    those whose call just completed), as the segment step writes a segment.
+  def end_boundaries(self, token_state, boundary_state, position, call_length,
+                     write_memory=True):
+    """The boundary state after the token at `position`, for the streams whose block or
+    call it ends: a recurrent state moved on with the block's keys and values (and the
+    window before it), a memory written with the call's keys and values, as the segment
+    step does. The other streams keep theirs.
 
     Args:
-      state: this layer's decode state after the call's last token.
-      memory: its memory.
-      ended: bool [B].
+      token_state: after the `decode_step` of the token at `position` (int32 [B]).
+      boundary_state: the one that step read.
+      position: int32 [B].
+      call_length: tokens per call, as given to `init_decode_state`.
+      write_memory: bool scalar; False leaves a memory as it is.
     Returns:
-      The new memory.
+      The new boundary state.
     """
-    keys, values = state["pending_keys"], state["pending_values"]
+    new_state = dict(boundary_state)
+    if self.recurrent is not None:
+      new_state.update(self._end_blocks(token_state, boundary_state, tf.equal(
+          (position + 1) % self.window_length, 0)))
+    if self.memory is not None:
+      ended = tf.equal((position + 1) % call_length, 0) & write_memory
+      unchanged = {key: boundary_state[key] for key in ("memory", "empty_slots")
+                   if key in boundary_state}
+      # Once per call per stream: other boundaries pass the memory through.
+      new_state.update(tf.cond(
+          tf.reduce_any(ended),
+          lambda: self._memory_boundary_state(
+              self._write_decoded_call(token_state, boundary_state["memory"], ended,
+                                       call_length)),
+          lambda: unchanged))
+    return new_state
+
+  def _end_blocks(self, token_state, boundary_state, ended):
+    """The recurrent part of the boundary state, moved on for the streams whose block ended
+    (bool [B]) with the keys and values of the block (the token state's window) and of the
+    window before it."""
+    names = ("recurrent", "state_keys", "state_values", "previous_keys", "previous_values")
+    previous = {name: boundary_state[name] for name in names}
+
+    def update():
+      block_keys = token_state["keys"][:, -self.window_length:]
+      block_values = token_state["values"][:, -self.window_length:]
+      window_keys = tf.concat([boundary_state["previous_keys"], block_keys], axis=1)
+      window_values = tf.concat([boundary_state["previous_values"], block_values], axis=1)
+      moved = self._recurrent_boundary_state(self.recurrent.step_where(
+          ended, boundary_state["recurrent"], window_keys, window_values))
+      moved.update(previous_keys=block_keys, previous_values=block_values)
+      return {name: tf.where(tf.reshape(ended, [-1] + [1] * (len(moved[name].shape) - 1)),
+                             moved[name], previous[name]) for name in names}
+
+    # Once per block per stream: other boundaries skip the cell.
+    return tf.cond(tf.reduce_any(ended), update, lambda: previous)
+
+  def _write_decoded_call(self, token_state, memory, ended, call_length):
+    """Writes the call's keys and values (the last `call_length` of the token state) to the
+    memory of the streams in `ended` (bool [B], those whose call just completed), as the
+    segment step writes a segment."""
+    keys = token_state["keys"][:, -call_length:]
+    values = token_state["values"][:, -call_length:]
     if self.memory.searches_on_host:
       indexed = self.memory.host_write(memory, keys, self.memory_num_neighbors, "test", ended)
       # The next lookup takes the written memory, so it runs after the host has indexed it.

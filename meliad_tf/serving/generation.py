@@ -93,21 +93,17 @@ class IncrementalDecoder:
       raise GenerationNotSupportedError(reason)
     self.model = model
     self.stack = model.decoder
-    self._token_step = steps.compile_step(self._step_without_memories, jit_compile,
-                                          calls_host=bool(self.stack.host_search_layers))
+    calls_host = bool(self.stack.host_search_layers)
+    self._token_step = steps.compile_step(self.stack.decode_step, jit_compile,
+                                          calls_host=calls_host)
+    self._boundary_step = steps.compile_step(self.stack.end_boundaries, jit_compile,
+                                             calls_host=calls_host)
 
   def init_state(self, model_state, start_of_sequence):
     """Decode state from the model state at a segment boundary (see
     `DecoderStack.init_decode_state`); start_of_sequence: bool [B], the streams that
     consumed no segment of their document yet."""
     return self.stack.init_decode_state(model_state, start_of_sequence)
-
-  def _step_without_memories(self, tokens, position, state):
-    logits, new_state = self.stack.decode_step(tokens, position, state)
-    # The step leaves the memories as they are; returning them from a compiled function
-    # would copy them (hundreds of MB) with every token.
-    del new_state["memories"]
-    return logits, new_state
 
   def step(self, tokens, position, state, write_memory=True):
     """Logits of the token after `tokens`.
@@ -121,11 +117,17 @@ class IncrementalDecoder:
     Returns:
       (logits float32 [B, V], new decode state).
     """
-    logits, new_state = self._token_step(tokens, position, state)
-    new_state["memories"] = state["memories"]
-    if new_state["memories"]:
-      new_state = self.stack.write_memories(new_state, position,
-                                            tf.convert_to_tensor(write_memory, tf.bool))
+    logits, layers = self._token_step(tokens, position, state)
+    new_state = dict(state, layers=layers)
+    if not state["boundaries"]:
+      return logits, new_state
+    write_memory = tf.convert_to_tensor(write_memory, tf.bool)
+    # Only where a block or call ends does the rest of the state change; other tokens pass
+    # it through without a copy.
+    new_state = tf.cond(
+        tf.reduce_any(self.stack.ends_boundary(position, write_memory)),
+        lambda: self._boundary_step(new_state, position, write_memory),
+        lambda: new_state)
     return logits, new_state
 
 
