@@ -152,6 +152,39 @@ def test_one_token_decoding_equals_the_segment_rerun(name):
   assert_decode_state_is_the_forward_state(decode_state, state)
 
 
+def test_only_tokens_that_end_a_block_or_a_call_change_the_boundary_state():
+  """A memory layer at layer 1 (calls of 16), a recurrent layer 0 (blocks of 4): the state
+  besides the windows changes at positions 3, 7, 11 and 15 only, and a decoding step does
+  not return it at all (a compiled step would copy the memory with every token)."""
+  model = random_model(*tiny_run.MEMORIZING, "TransformerLayer.window_length = 4",
+                       "DecoderStack.recurrent_layer_indices = (0,)",
+                       "TransformerLayer.recurrent_num_states = 4",
+                       "DecoderStack.feedback_recurrence = False")
+  stack = model.decoder
+  positions = tf.range(SEGMENT)
+  np.testing.assert_array_equal(stack.ends_boundary(positions).numpy(),
+                                (np.arange(SEGMENT) + 1) % 4 == 0)
+  np.testing.assert_array_equal(model.decoder.layers[1].ends_boundary(positions, SEGMENT),
+                                np.arange(SEGMENT) == SEGMENT - 1)
+  assert not np.any(model.decoder.layers[1].ends_boundary(positions, SEGMENT, False))
+  decoder = generation.IncrementalDecoder(model)
+  state = decoder.init_state(model.initial_state(2), tf.fill([2], True))
+  _, token_states = stack.decode_step(tf.ones([2], tf.int32), tf.zeros([2], tf.int32), state)
+  assert tf.nest.map_structure(lambda t: t.shape, token_states) == tf.nest.map_structure(
+      lambda t: t.shape, state["layers"])
+  for t in range(SEGMENT):
+    _, new_state = decoder.step(tf.fill([2], t + 1), tf.fill([2], t), state)
+    unchanged = [a is b for a, b in zip(tf.nest.flatten(new_state["boundaries"]),
+                                        tf.nest.flatten(state["boundaries"]))]
+    layer_0 = [a is b for a, b in zip(tf.nest.flatten(new_state["boundaries"]["layer_0"]),
+                                      tf.nest.flatten(state["boundaries"]["layer_0"]))]
+    memory = new_state["boundaries"]["layer_1"]["memory"]["keys"]
+    assert all(unchanged) == ((t + 1) % 4 != 0), t
+    assert not any(layer_0) == ((t + 1) % 4 == 0), t
+    assert np.any(memory.numpy()) == (t == SEGMENT - 1), t
+    state = new_state
+
+
 def test_decode_buffer_is_seeded_from_the_xl_cache():
   model = random_model()
   tokens = tf.random.stateless_uniform([2, 32], [6, 7], 1, V, tf.int32)

@@ -109,6 +109,42 @@ def test_bucketed_search_equals_a_naive_argmax_per_strided_bucket(chunk):
           assert slots[b, h, i, bucket] == best
 
 
+def test_bucketed_ties_go_to_the_lowest_slot():
+  """Rows [R, K] of slots r K + c: the chosen slot of each column is the lowest row holding
+  its maximum, as one argmax over the bucket gives."""
+  rows = tf.constant([[1.0, 5.0, 2.0],
+                      [3.0, 5.0, 2.0],
+                      [3.0, 4.0, 2.0]])
+  np.testing.assert_array_equal(memory_lib.bucketed_top_k(rows).numpy(), [3, 1, 2])
+  np.testing.assert_array_equal(memory_lib.bucketed_top_k(rows, first_row=4).numpy(),
+                                [15, 13, 14])
+
+
+@pytest.mark.parametrize("backend", ON_DEVICE)
+@pytest.mark.parametrize("given_empty", [False, True])
+def test_one_query_search_equals_the_naive_search(backend, given_empty):
+  """A decoding step's search (one query per stream, the database in one chunk), with the
+  empty slots computed there or given by the decoder: the true top K (exact), or each
+  strided bucket's argmax (bucketed), with the neighbours' scores."""
+  rng = np.random.default_rng(21)
+  memory = make_memory(backend)
+  state = random_state(rng, memory, 2, [64, 20])
+  queries = normalised(rng, (2, 1, 2, 4))
+  empty = memory.empty_slots(state) if given_empty else None
+  slots, scores = (t.numpy() for t in memory.search(state, tf.constant(queries), 8,
+                                                     empty=empty))
+  expected_scores = naive_scores(state, queries)
+  for b in range(2):
+    for h in range(2):
+      row = expected_scores[b, h, 0]
+      if backend == "bucketed":
+        expected = [c + 8 * int(np.argmax(row[c::8])) for c in range(8)]
+        np.testing.assert_array_equal(slots[b, h, 0], expected)
+      else:
+        assert sorted(slots[b, h, 0]) == sorted(np.argsort(-row, kind="stable")[:8])
+      np.testing.assert_allclose(scores[b, h, 0], row[slots[b, h, 0]], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ON_DEVICE)
 def test_search_scores_are_the_neighbours_dot_products(backend):
   rng = np.random.default_rng(13)

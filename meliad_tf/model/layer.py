@@ -532,7 +532,7 @@ class TransformerLayer(tf.Module):
 
     The memory is only read: on a segment the caller resets and writes around it; a
     decoding step calls it with one query per stream, and the decoder writes the segment
-    once complete (`write_decoded_call`).
+    once complete (`end_boundaries`).
 
     Args:
       attn: local attention output [B, n, H, d].

@@ -18,6 +18,11 @@ over the whole text gives at its position:
   on at every block boundary, as in training (Meliad freezes it while generating); under
   block feedback the other layers see the state entering the current chunk.
 
+A decoding step returns only what changes with every token, the windows' keys and values.
+Memories, recurrent states and the fed-back state change where a block or call ends, in a
+second step (`DecoderStack.end_boundaries`) that runs only for the tokens that end one; the
+other tokens pass them through untouched rather than copy them out of a compiled step.
+
 All functions here build TensorFlow ops only, so they run inside a tf.function and in a
 SavedModel loaded without this package.
 """
