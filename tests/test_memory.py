@@ -118,6 +118,8 @@ def test_bucketed_ties_go_to_the_lowest_slot():
   np.testing.assert_array_equal(memory_lib.bucketed_top_k(rows).numpy(), [3, 1, 2])
   np.testing.assert_array_equal(memory_lib.bucketed_top_k(rows, first_row=4).numpy(),
                                 [15, 13, 14])
+  nan = tf.fill([2, 3], float("nan"))
+  assert np.all(memory_lib.bucketed_top_k(nan).numpy() < 6)
 
 
 @pytest.mark.parametrize("backend", ON_DEVICE)

@@ -471,7 +471,9 @@ def bucketed_top_k(rows, first_row=0):
   # (three times slower for one token's search of an 8k memory).
   row_index = tf.range(num_rows)[:, None]  # [R, 1]
   at_max = tf.equal(rows, tf.reduce_max(rows, axis=-2, keepdims=True))
-  best_row = tf.reduce_min(tf.where(at_max, row_index, num_rows), axis=-2) + first_row
+  # A column without a maximum (NaN scores of a diverged model) still names one of its slots.
+  best_row = tf.minimum(tf.reduce_min(tf.where(at_max, row_index, num_rows), axis=-2),
+                        num_rows - 1) + first_row
   return best_row * num_neighbors + tf.range(num_neighbors)
 
 

@@ -480,12 +480,15 @@ class TransformerLayer(tf.Module):
 
   def _feedback_attention(self, queries2, cross_attention_kv):
     """Block feedback: the tokens' attention to the stack's recurrent state (keys, values)."""
-    if cross_attention_kv is None:
-      raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
-                       "called without cross_attention_kv")
+    self._check_cross_attention_kv(cross_attention_kv)
     return recurrence.attend_to_state(queries2, *cross_attention_kv,
                                       scale=self.tbase.attention_scale2,
                                       written_gradient=self.written_gradient)
+
+  def _check_cross_attention_kv(self, cross_attention_kv):
+    if cross_attention_kv is None:
+      raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
+                       "called without cross_attention_kv")
 
   @scopes.scoped("memory")
   def _memory_attention(self, attn, keys, values, queries, start_of_sequence, state,
@@ -690,9 +693,7 @@ class TransformerLayer(tf.Module):
       cross_attn = self._attend_to_state_for_token(
           queries2, boundary_state["state_keys"], boundary_state["state_values"])
     elif self.cross_attention:
-      if cross_attention_kv is None:
-        raise ValueError(f"layer {self.name} has cross_attention (block feedback) but was "
-                         "called without cross_attention_kv")
+      self._check_cross_attention_kv(cross_attention_kv)
       cross_attn = self._attend_to_state_for_token(queries2, *cross_attention_kv)
     return self.tbase.post_attn_ffn(x, attn, cross_attn), new_state
 
