@@ -185,6 +185,19 @@ def test_only_tokens_that_end_a_block_or_a_call_change_the_boundary_state():
     state = new_state
 
 
+def test_a_feedback_layer_without_the_fed_back_state_is_refused():
+  model = random_model(*FAMILIES["block_feedback"])
+  layer = model.decoder.layers[0]
+  state = model.initial_state(2)["layer_0"]
+  token_state, boundary_state = layer.init_decode_state(state, tf.fill([2], True), 8)
+  x = tf.zeros([2, 1, model.decoder.embedding_size])
+  message = "layer_0 has cross_attention .* without cross_attention_kv"
+  with pytest.raises(ValueError, match=message):
+    layer.decode_step(x, token_state, boundary_state, tf.zeros([2], tf.int32))
+  with pytest.raises(ValueError, match=message):
+    layer(tf.tile(x, [1, 8, 1]), tf.fill([2], True), state)
+
+
 def test_decode_buffer_is_seeded_from_the_xl_cache():
   model = random_model()
   tokens = tf.random.stateless_uniform([2, 32], [6, 7], 1, V, tf.int32)
