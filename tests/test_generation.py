@@ -185,6 +185,30 @@ def test_only_tokens_that_end_a_block_or_a_call_change_the_boundary_state():
     state = new_state
 
 
+def test_a_block_end_moves_only_the_state_of_the_streams_it_ends():
+  """Stream 0 ends a block of 4 at position 3, stream 1 (at 2) does not: stream 0's state is
+  the cell's step over the window before the block and the block, stream 1's is untouched."""
+  model = random_model("TransformerLayer.window_length = 4",
+                       "DecoderStack.recurrent_layer_indices = (0,)",
+                       "TransformerLayer.recurrent_num_states = 4",
+                       "DecoderStack.feedback_recurrence = False")
+  layer = model.decoder.layers[0]
+  state = tf.nest.map_structure(
+      lambda t: tf.random.stateless_normal(t.shape, [8, 9]), model.initial_state(2)["layer_0"])
+  token_state, boundary = layer.init_decode_state(state, tf.fill([2], False), SEGMENT)
+  token_state = tf.nest.map_structure(
+      lambda t: tf.random.stateless_normal(t.shape, [10, 11]), token_state)
+  moved = layer.end_boundaries(token_state, boundary, tf.constant([3, 2]), SEGMENT)
+  window = [tf.concat([boundary[f"previous_{name}"], token_state[name]], axis=1)
+            for name in ("keys", "values")]
+  stepped = layer.recurrent.step(boundary["recurrent"], *window)
+  np.testing.assert_allclose(moved["recurrent"][0], stepped[0], rtol=1e-6)
+  np.testing.assert_array_equal(moved["previous_keys"][0], token_state["keys"][0])
+  for name, value in boundary.items():
+    np.testing.assert_array_equal(moved[name][1], value[1], err_msg=name)
+    assert not np.array_equal(moved[name][0], value[0]), name
+
+
 def test_a_feedback_layer_without_the_fed_back_state_is_refused():
   model = random_model(*FAMILIES["block_feedback"])
   layer = model.decoder.layers[0]

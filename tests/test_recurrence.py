@@ -663,18 +663,6 @@ def test_mirrored_strategy_over_two_cpus_equals_one_device():
   assert not np.allclose(recurrent[0], recurrent[1])  # the replicas hold different streams
 
 
-def test_step_where_updates_only_the_streams_whose_block_ended():
-  module = recurrent_layer()
-  cell = module.recurrent
-  state = tf.random.stateless_normal([2, STATES, EMBED], seed=[9, 9])
-  block_keys = tf.random.stateless_normal([2, 2 * WINDOW, HEADS, HEAD_SIZE], seed=[9, 10])
-  block_values = tf.random.stateless_normal([2, 2 * WINDOW, HEADS, HEAD_SIZE], seed=[9, 11])
-  stepped = cell.step(state, block_keys, block_values)
-  mixed = cell.step_where(tf.constant([False, True]), state, block_keys, block_values)
-  np.testing.assert_array_equal(mixed[0].numpy(), state[0].numpy())
-  np.testing.assert_allclose(mixed[1].numpy(), stepped[1].numpy(), rtol=1e-6)
-
-
 @pytest.mark.parametrize("arrangement, feedback", [("bias_skip", False), ("lstm_dual", True),
                                                    ("bias_single", False)])
 def test_every_parameter_gets_a_gradient(arrangement, feedback):

@@ -16,8 +16,7 @@ through every block of a segment; the stack stops them at segment boundaries.
 
 Functions a decoder calls one block at a time: `RecurrentCell.load` (the learned initial
 state at a document start), `RecurrentCell.kv` (the keys and values tokens attend to),
-`RecurrentCell.step` (c_t -> c_{t+1} from a block's keys and values), `step_where` (the same
-for the streams whose block just ended) and `attend_to_state`.
+`RecurrentCell.step` (c_t -> c_{t+1} from a block's keys and values) and `attend_to_state`.
 """
 
 import tensorflow as tf
@@ -102,20 +101,6 @@ class RecurrentCell(tf.Module):
     self_attn = attend(keys, values, queries, scale=tbase.attention_scale)
     token_attn = attend(block_keys, block_values, queries2, scale=tbase.attention_scale2)
     return tbase.post_attn_ffn(state, self_attn, token_attn, gates=gates)
-
-  def step_where(self, block_ended, state, block_keys, block_values):
-    """`step` for the streams whose block just ended; the others keep their state.
-
-    For incremental decoding, where streams may reach a block boundary at different steps.
-
-    Args:
-      block_ended: bool [B].
-      state, block_keys, block_values: as for `step`.
-    Returns:
-      [B, S, E].
-    """
-    return tf.where(block_ended[:, None, None], self.step(state, block_keys, block_values),
-                    state)
 
   def __call__(self, state, window_keys, window_values, diagnostics=None):
     """Runs the cell over the blocks of a segment, in order.

@@ -320,7 +320,7 @@ class DecoderStack(tf.Module):
     new_state = dict(decode_state, boundaries=boundaries)
     if self.feedback:
       # The next chunk's tokens see the state its first token enters with.
-      chunk_ended = tf.equal((position + 1) % self.chunk_length, 0)[:, None, None, None]
+      chunk_ended = layer_lib.ends_a_multiple(position, self.chunk_length)[:, None, None, None]
       new_state["feedback"] = tuple(
           tf.where(chunk_ended, new, old)
           for new, old in zip(self._feedback_kv(boundaries), decode_state["feedback"]))

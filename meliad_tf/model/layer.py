@@ -27,6 +27,12 @@ ROTARY_WAVELENGTH = 10000
  _SEED_POST_FFN) = range(5)
 
 
+def ends_a_multiple(position, length):
+  """bool [B]: whether the token at `position` (int32 [B]) is the last of a block, call or
+  chunk of `length` tokens."""
+  return tf.equal((position + 1) % length, 0)
+
+
 def heads_first(x):
   """[B, n, H, d] <-> [B, H, n, d]."""
   return tf.transpose(x, [0, 2, 1, 3])
@@ -726,9 +732,9 @@ class TransformerLayer(tf.Module):
     changes its boundary state."""
     ended = tf.zeros(position.shape, tf.bool)
     if self.recurrent is not None:
-      ended |= tf.equal((position + 1) % self.window_length, 0)
+      ended |= ends_a_multiple(position, self.window_length)
     if self.memory is not None:
-      ended |= tf.equal((position + 1) % call_length, 0) & write_memory
+      ended |= ends_a_multiple(position, call_length) & write_memory
     return ended
 
   def end_boundaries(self, token_state, boundary_state, position, call_length,
@@ -749,10 +755,10 @@ class TransformerLayer(tf.Module):
     """
     new_state = dict(boundary_state)
     if self.recurrent is not None:
-      new_state.update(self._end_blocks(token_state, boundary_state, tf.equal(
-          (position + 1) % self.window_length, 0)))
+      new_state.update(self._end_blocks(token_state, boundary_state,
+                                        ends_a_multiple(position, self.window_length)))
     if self.memory is not None:
-      ended = tf.equal((position + 1) % call_length, 0) & write_memory
+      ended = ends_a_multiple(position, call_length) & write_memory
       unchanged = {key: boundary_state[key] for key in ("memory", "empty_slots")
                    if key in boundary_state}
       # Once per call per stream: other boundaries pass the memory through.
@@ -776,8 +782,8 @@ class TransformerLayer(tf.Module):
       block_values = token_state["values"][:, -self.window_length:]
       window_keys = tf.concat([boundary_state["previous_keys"], block_keys], axis=1)
       window_values = tf.concat([boundary_state["previous_values"], block_values], axis=1)
-      moved = self._recurrent_boundary_state(self.recurrent.step_where(
-          ended, boundary_state["recurrent"], window_keys, window_values))
+      moved = self._recurrent_boundary_state(
+          self.recurrent.step(boundary_state["recurrent"], window_keys, window_values))
       moved.update(previous_keys=block_keys, previous_values=block_values)
       return {name: tf.where(tf.reshape(ended, [-1] + [1] * (len(moved[name].shape) - 1)),
                              moved[name], previous[name]) for name in names}
